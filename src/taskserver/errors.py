@@ -1,0 +1,108 @@
+"""The project's exceptions.
+
+Every error names the input it is about and the reason, and where it helps, what to do.
+`InvalidInputError` and its subclasses are never retried: retrying bad input cannot help.
+"""
+
+from __future__ import annotations
+
+
+class TaskserverError(Exception):
+    """Base class: an error about one named input."""
+
+    def __init__(self, input: str, reason: str, hint: str | None = None) -> None:
+        self.input = str(input)
+        self.reason = reason
+        self.hint = hint
+        message = f"{self.input}: {reason}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+    def __reduce__(self):  # keep pickling (subprocesses, Prefect results) working
+        return (self.__class__, (self.input, self.reason, self.hint))
+
+
+class InvalidInputError(TaskserverError):
+    """The input itself is wrong; running again on the same input fails the same way."""
+
+
+class DocumentError(InvalidInputError):
+    """A PDF that cannot be turned into text."""
+
+
+class EmptyFileError(DocumentError):
+    """A zero-byte file."""
+
+
+class NotAPdfError(DocumentError):
+    """The bytes are not a PDF at all."""
+
+
+class CorruptPdfError(DocumentError):
+    """A PDF whose structure is damaged or truncated."""
+
+
+class EncryptedPdfError(DocumentError):
+    """A PDF that needs a password."""
+
+
+class NoTextLayerError(DocumentError):
+    """An image-only PDF: there is no text layer and OCR is not available."""
+
+
+class EmptyExtractionError(DocumentError):
+    """Partitioning returned nothing for a file that looked readable."""
+
+
+class EncodingInputError(InvalidInputError):
+    """Texts that cannot be embedded (empty list, empty or non-string text)."""
+
+
+class ClusteringInputError(InvalidInputError):
+    """Vectors that cannot be clustered or indexed (k > n, NaN, dimension mismatch)."""
+
+
+class TrainingDataError(InvalidInputError):
+    """A training set that cannot train a classifier (one class, missing labels, bad columns)."""
+
+
+class ModelDirectoryError(InvalidInputError):
+    """A model directory that is missing or was not written by taskserver's trainer."""
+
+
+class ParameterError(InvalidInputError):
+    """A flow or submission parameter that fails validation."""
+
+
+class StorageFullError(TaskserverError):
+    """The output location has no space left. Not retried: free space, then run again."""
+
+
+class TransientError(TaskserverError):
+    """A failure that may pass on its own (network, lock, busy resource). Retried."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Retry only what might succeed next time: never bad input or a full disk."""
+    if isinstance(exc, (InvalidInputError, StorageFullError)):
+        return False
+    if isinstance(exc, (ValueError, TypeError, KeyError)):
+        return False
+    return True
+
+
+class BatchFailedError(InvalidInputError):
+    """Some inputs of a batch failed; the others completed and their results were kept."""
+
+    def __init__(self, input: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(input, reason, hint)
+
+    @classmethod
+    def from_failures(cls, failures: dict[str, str], total: int) -> "BatchFailedError":
+        listed = "; ".join(f"{name}: {why}" for name, why in failures.items())
+        return cls(
+            f"{len(failures)} of {total} inputs",
+            f"failed: {listed}",
+            f"the other {total - len(failures)} completed and their results were saved",
+        )

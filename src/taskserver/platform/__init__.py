@@ -1,0 +1,1 @@
+"""The platform model: priorities, pools and task routing, defined once and read everywhere."""

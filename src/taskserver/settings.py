@@ -1,0 +1,45 @@
+"""One typed settings object for taskserver, read from the environment (prefix ``TASKSERVER_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TASKSERVER_", extra="ignore")
+
+    home: Path = Field(
+        default=Path.home() / ".taskserver",
+        description="State of the local stack: server database, logs, pid files.",
+    )
+    data_dir: str = Field(
+        default="",
+        description=(
+            "Shared data location for inputs, outputs, checkpoints and results: a local path or an"
+            " fsspec URL (s3://bucket/prefix). Relative paths in flow parameters resolve against it."
+            " Defaults to <home>/data."
+        ),
+    )
+    embedding_batch_size: int = Field(default=64, ge=1, description="Texts per encoder forward pass.")
+    pdf_workers: int = Field(
+        default=0, ge=0, description="Processes used to partition PDFs; 0 means one per CPU core."
+    )
+
+    @property
+    def data_location(self) -> str:
+        return self.data_dir or str(self.home / "data")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    """Re-read the environment (tests and the CLI change it at run time)."""
+    get_settings.cache_clear()
+    return get_settings()

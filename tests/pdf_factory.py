@@ -1,0 +1,120 @@
+"""Test PDFs made on the spot: good text PDFs with titles, and each kind of bad input.
+
+Real files written with fpdf2 and pypdf, so tests exercise the same parsers that production
+input meets. Every function writes to ``path`` and returns it.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from fpdf import FPDF
+from pypdf import PdfReader, PdfWriter
+
+_WORDS = (
+    "the server schedules each task by priority and keeps every result on shared storage "
+    "so that a worker which restarts can pick up where another one stopped while the "
+    "queue keeps urgent work ahead of routine batches and nothing is computed twice"
+).split()
+
+
+def paragraph(seed: int, sentences: int = 4) -> str:
+    """Deterministic readable prose: narrative sentences that unstructured classifies as text."""
+    out = []
+    for s in range(sentences):
+        start = (seed * 7 + s * 5) % len(_WORDS)
+        words = [_WORDS[(start + i) % len(_WORDS)] for i in range(12 + (seed + s) % 6)]
+        out.append(" ".join(words).capitalize() + ".")
+    return " ".join(out)
+
+
+def text_pdf(
+    path: str | Path,
+    pages: int = 3,
+    sections_per_page: int = 2,
+    title: str = "Report",
+) -> Path:
+    """A text PDF: each page has titled sections, each followed by a few paragraphs."""
+    pdf = FPDF(format="A4")
+    pdf.set_auto_page_break(False)
+    for page in range(1, pages + 1):
+        pdf.add_page()
+        for section in range(1, sections_per_page + 1):
+            pdf.set_font("Helvetica", "B", 16)
+            pdf.multi_cell(0, 9, f"{title} Section {page}.{section}", new_x="LMARGIN", new_y="NEXT")
+            pdf.ln(2)
+            pdf.set_font("Helvetica", "", 11)
+            for p in range(2):
+                pdf.multi_cell(0, 6, paragraph(page * 31 + section * 7 + p), new_x="LMARGIN", new_y="NEXT")
+                pdf.ln(3)
+    path = Path(path)
+    pdf.output(str(path))
+    return path
+
+
+def image_only_pdf(path: str | Path, pages: int = 2) -> Path:
+    """A scanned-looking PDF: each page is one picture of text, with no text layer."""
+    from PIL import Image, ImageDraw
+
+    pdf = FPDF(format="A4")
+    for page in range(pages):
+        image = Image.new("RGB", (600, 800), "white")
+        draw = ImageDraw.Draw(image)
+        for line in range(20):
+            draw.text((40, 40 + line * 35), f"Scanned page {page + 1} line {line + 1}", fill="black")
+        pdf.add_page()
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        buffer.seek(0)
+        pdf.image(buffer, x=10, y=10, w=190)
+    path = Path(path)
+    pdf.output(str(path))
+    return path
+
+
+def encrypted_pdf(path: str | Path, password: str = "secret", pages: int = 2) -> Path:
+    """A text PDF that needs ``password`` to open."""
+    source = io.BytesIO()
+    text_pdf(_scratch := Path(str(path) + ".plain"), pages=pages)
+    source.write(_scratch.read_bytes())
+    _scratch.unlink()
+    writer = PdfWriter(clone_from=PdfReader(source))
+    writer.encrypt(user_password=password, owner_password=password + "-owner", algorithm="AES-256")
+    path = Path(path)
+    with open(path, "wb") as handle:
+        writer.write(handle)
+    return path
+
+
+def empty_file(path: str | Path) -> Path:
+    path = Path(path)
+    path.write_bytes(b"")
+    return path
+
+
+def not_a_pdf(path: str | Path) -> Path:
+    """A file named .pdf that holds something else entirely (here, a small HTML page)."""
+    path = Path(path)
+    path.write_bytes(b"<html><body><p>This is a web page saved with the wrong name.</p></body></html>\n")
+    return path
+
+
+def truncated_pdf(path: str | Path, keep: float = 0.4) -> Path:
+    """The first ``keep`` fraction of a good PDF, as an interrupted download leaves it."""
+    path = Path(path)
+    text_pdf(path, pages=3)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def corrupt_pdf(path: str | Path) -> Path:
+    """A PDF header followed by damaged structure: no readable objects, no trailer."""
+    path = Path(path)
+    path.write_bytes(
+        b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n"
+        + bytes((i * 37 + 11) % 256 for i in range(4096))
+        + b"\nxref\n0 3\ngarbage\ntrailer\n<< /Root 9 0 R >>\nstartxref\n99999\n%%EOF\n"
+    )
+    return path
