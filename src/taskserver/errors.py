@@ -93,16 +93,36 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class BatchFailedError(InvalidInputError):
-    """Some inputs of a batch failed; the others completed and their results were kept."""
+    """Some inputs of a batch failed; the others completed and their results were kept.
 
-    def __init__(self, input: str, reason: str, hint: str | None = None) -> None:
+    ``failures`` maps each bad input to its reason; ``partial`` carries the good part of the
+    batch's result, so a pipeline can go on with what succeeded.
+    """
+
+    def __init__(
+        self,
+        input: str,
+        reason: str,
+        hint: str | None = None,
+        failures: dict[str, str] | None = None,
+        partial: object = None,
+    ) -> None:
         super().__init__(input, reason, hint)
+        self.failures = dict(failures or {})
+        self.partial = partial
+
+    def __reduce__(self):
+        return (self.__class__, (self.input, self.reason, self.hint, self.failures, self.partial))
 
     @classmethod
-    def from_failures(cls, failures: dict[str, str], total: int) -> "BatchFailedError":
+    def from_failures(
+        cls, failures: dict[str, str], total: int, partial: object = None
+    ) -> "BatchFailedError":
         listed = "; ".join(f"{name}: {why}" for name, why in failures.items())
         return cls(
             f"{len(failures)} of {total} inputs",
             f"failed: {listed}",
             f"the other {total - len(failures)} completed and their results were saved",
+            failures,
+            partial,
         )

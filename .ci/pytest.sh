@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs the whole suite. pytest exits 5 when a selection collects nothing; that is not a
+# failure of the code, so it maps to 0 with a loud line, and every other code passes through.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.tools/bin:$PATH"
+export DO_NOT_TRACK=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest -ra -p no:cacheprovider "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests (exit 5)"
+  exit 0
+fi
+exit "$rc"

@@ -1,0 +1,145 @@
+"""The ``ingest-documents`` pipeline: PDFs to chunks to embeddings to clusters and a search index.
+
+Each step is its own flow, run here as a subflow, so every step has its own state, logs and
+artifacts in the UI. Steps hand over through files in the output directory, never memory, so
+they can run in different processes or pods against the shared data location.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Annotated
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from taskserver import documents, storage
+from taskserver.errors import BatchFailedError, DocumentError
+from taskserver.flows.cluster import cluster
+from taskserver.flows.encode import encode
+from taskserver.flows.pdfs import PdfBatchSummary, process_pdfs
+from taskserver.flows.runtime import markdown_table, publish_summary
+from taskserver.search import Collection
+
+DEFAULT_OUTPUT_DIR = "outputs/ingest"
+
+
+class IngestSummary(BaseModel):
+    output_dir: str = Field(description="Holds chunks.jsonl, embeddings.npz and clusters/ (with the index).")
+    documents: int
+    chunks: int
+    clusters: int
+    inertia: float
+    cluster_sizes: list[int]
+    failures: dict[str, str] = Field(default_factory=dict, description="Input -> why it failed.")
+    seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per step.")
+
+
+def default_cluster_count(chunks: int) -> int:
+    """A rule of thumb, sqrt(n/2), kept between 1 and n."""
+    return max(1, min(chunks, round(math.sqrt(chunks / 2))))
+
+
+def _pdf_step(inputs: list[str] | str, chunks_dir: str, max_characters: int, workers: int) -> PdfBatchSummary:
+    state = process_pdfs(
+        inputs=inputs, output_dir=chunks_dir, max_characters=max_characters, workers=workers, return_state=True
+    )
+    if state.is_completed():
+        return state.result()
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, BatchFailedError) and isinstance(error.partial, PdfBatchSummary):
+        return error.partial  # the good files, with the failures listed
+    if isinstance(error, BaseException):
+        raise error
+    raise DocumentError(str(inputs), f"the process-pdfs step ended {state.type.value}: {state.message}")
+
+
+def _write_chunk_catalogue(summary: PdfBatchSummary, location: str) -> int:
+    """One JSON line per chunk (id, text, source, pages, types), the encode step's input."""
+    rows = []
+    for file in summary.files:
+        for chunk in documents.load_chunks(file.chunks_location):
+            rows.append(
+                {
+                    "id": chunk.chunk_id,
+                    "text": chunk.text,
+                    "source": chunk.source,
+                    "pages": chunk.pages,
+                    "element_types": chunk.element_types,
+                }
+            )
+    storage.write_text(location, "".join(json.dumps(row) + "\n" for row in rows))
+    return len(rows)
+
+
+@flow(name="ingest-documents", description="PDFs to chunks to embeddings to clusters and a search index.")
+def ingest_documents(
+    inputs: Annotated[
+        list[str] | str,
+        Field(description="PDF paths or URLs, a directory of PDFs, or a glob. Relative paths are under the data dir."),
+    ],
+    output_dir: Annotated[
+        str, Field(description="Where the collection is written. Relative paths are under the data dir.")
+    ] = DEFAULT_OUTPUT_DIR,
+    max_characters: Annotated[int, Field(ge=50, le=100_000, description="Largest chunk, in characters.")] = 1000,
+    clusters: Annotated[
+        int | None, Field(ge=1, description="Number of k-means clusters; default sqrt(chunks / 2).")
+    ] = None,
+    seed: Annotated[int, Field(ge=0, description="Seed for k-means: same seed, same clusters.")] = 0,
+    workers: Annotated[int, Field(ge=0, le=64, description="PDF worker processes; 0 means one per core.")] = 0,
+) -> IngestSummary:
+    """Build a searchable, clustered collection from PDFs; bad files are reported, good ones kept."""
+    logger = get_run_logger()
+    collection = Collection(storage.makedirs(output_dir))
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    pdfs = _pdf_step(inputs, storage.join(collection.location, "pdfs"), max_characters, workers)
+    count = _write_chunk_catalogue(pdfs, collection.chunks_location)
+    seconds["pdfs"] = round(time.perf_counter() - started, 3)
+    if count == 0:
+        raise BatchFailedError.from_failures(pdfs.failures or {str(inputs): "no chunks extracted"}, max(len(pdfs.failures), 1))
+    logger.info("%d chunks from %d documents", count, len(pdfs.files))
+
+    started = time.perf_counter()
+    encode(input_path=collection.chunks_location, output=collection.embeddings_location, normalize=True)
+    seconds["encode"] = round(time.perf_counter() - started, 3)
+
+    started = time.perf_counter()
+    k = min(clusters or default_cluster_count(count), count)
+    clustered = cluster(
+        embeddings=collection.embeddings_location, k=k, seed=seed, output_dir=collection.clusters_location
+    )
+    seconds["cluster"] = round(time.perf_counter() - started, 3)
+
+    summary = IngestSummary(
+        output_dir=collection.location,
+        documents=len(pdfs.files),
+        chunks=count,
+        clusters=k,
+        inertia=float(clustered["inertia"]),
+        cluster_sizes=[int(size) for size in clustered["sizes"]],
+        failures=pdfs.failures,
+        seconds=seconds,
+    )
+    _publish(summary)
+    if summary.failures:
+        raise BatchFailedError.from_failures(
+            summary.failures, len(summary.failures) + summary.documents, partial=summary
+        )
+    return summary
+
+
+def _publish(summary: IngestSummary) -> None:
+    text = (
+        f"{summary.documents} documents → {summary.chunks} chunks → {summary.clusters} clusters "
+        f"(inertia {summary.inertia:.3f}), written to `{summary.output_dir}`.\n\n"
+        + markdown_table(["step", "seconds"], summary.seconds.items())
+        + "\n\n"
+        + markdown_table(["cluster", "chunks"], enumerate(summary.cluster_sizes))
+    )
+    if summary.failures:
+        text += "\n\n## Failed inputs\n\n" + markdown_table(["input", "reason"], summary.failures.items())
+    publish_summary("ingest-documents", "Ingested documents", text)
