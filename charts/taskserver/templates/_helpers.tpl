@@ -1,0 +1,210 @@
+{{/* Names, labels and the platform document (priorities, GPUs, pools) generated from code. */}}
+
+{{- define "taskserver.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "taskserver.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "taskserver.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The platform document: the chart's only source of priority, GPU and pool names. */}}
+{{- define "taskserver.platform" -}}
+{{- .Files.Get "files/platform.json" -}}
+{{- end -}}
+
+{{- define "taskserver.jobsNamespace" -}}
+{{- .Values.jobs.namespace | default .Release.Namespace -}}
+{{- end -}}
+
+{{- define "taskserver.serverName" -}}
+{{- printf "%s-server" (include "taskserver.fullname" .) -}}
+{{- end -}}
+
+{{- define "taskserver.apiUrl" -}}
+{{- printf "http://%s.%s.svc:%v/api" (include "taskserver.serverName" .) .Release.Namespace .Values.server.port -}}
+{{- end -}}
+
+{{- define "taskserver.authSecretName" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-api-auth" (include "taskserver.fullname" .)) -}}
+{{- end -}}
+
+{{- define "taskserver.postgresName" -}}
+{{- printf "%s-postgresql" (include "taskserver.fullname" .) -}}
+{{- end -}}
+
+{{- define "taskserver.postgresSecretName" -}}
+{{- .Values.postgresql.existingSecret | default (include "taskserver.postgresName" .) -}}
+{{- end -}}
+
+{{- define "taskserver.databaseSecretName" -}}
+{{- if .Values.externalDatabase.existingSecret -}}
+{{- .Values.externalDatabase.existingSecret -}}
+{{- else -}}
+{{- printf "%s-database" (include "taskserver.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "taskserver.image" -}}
+{{- $image := index .root.Values.images .name -}}
+{{- printf "%s:%s" $image.repository ($image.tag | default .root.Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "taskserver.dataClaimName" -}}
+{{- .Values.data.volume.existingClaim | default (printf "%s-data" (include "taskserver.fullname" .)) -}}
+{{- end -}}
+
+{{/* Pod and container security: non-root, no privilege escalation, no capabilities. */}}
+{{- define "taskserver.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .uid }}
+fsGroup: {{ .uid }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "taskserver.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: {{ .readOnly | default false }}
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* Environment every Prefect client container needs: the API URL and the auth string. */}}
+{{- define "taskserver.clientEnv" -}}
+- name: PREFECT_API_URL
+  value: {{ include "taskserver.apiUrl" . | quote }}
+- name: PREFECT_HOME
+  value: /tmp/prefect
+- name: DO_NOT_TRACK
+  value: "true"
+{{- if .Values.auth.enabled }}
+- name: PREFECT_API_AUTH_STRING
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "taskserver.authSecretName" . }}
+      key: {{ .Values.auth.secretKey }}
+{{- end }}
+{{- end -}}
+
+{{/* Per-pool values: the pool's own entry merged over workers.defaults. */}}
+{{- define "taskserver.workerValues" -}}
+{{- $defaults := deepCopy .root.Values.workers.defaults -}}
+{{- $own := deepCopy (index .root.Values.workers .pool.name | default dict) -}}
+{{- toJson (mergeOverwrite $defaults $own) -}}
+{{- end -}}
+
+{{/* The job options the bootstrap hook bakes into each pool's base job template
+     (taskserver.platform.kubernetes.PoolJobOptions, one entry per pool). */}}
+{{- define "taskserver.jobOptions" -}}
+{{- $root := . -}}
+{{- $platform := include "taskserver.platform" . | fromJson -}}
+{{- $options := dict -}}
+{{- range $pool := $platform.pools -}}
+{{- $values := include "taskserver.workerValues" (dict "root" $root "pool" $pool) | fromJson -}}
+{{- $job := $values.job | default dict -}}
+{{- $resources := $job.resources | default dict -}}
+{{- $imageName := ternary "gpu" "cpu" $pool.gpu -}}
+{{- $priority := $job.defaultPriority -}}
+{{- if not $priority -}}
+{{- range $platform.priorities }}{{ if .default }}{{ $priority = .name }}{{ end }}{{ end -}}
+{{- end -}}
+{{- $entry := dict
+      "image" (include "taskserver.image" (dict "root" $root "name" $imageName))
+      "image_pull_policy" $root.Values.images.pullPolicy
+      "namespace" (include "taskserver.jobsNamespace" $root)
+      "service_account_name" (printf "%s-%s-job" (include "taskserver.fullname" $root) $pool.name)
+      "priority" $priority
+      "finished_job_ttl" $job.finishedJobTTL
+      "pod_watch_timeout_seconds" $job.podWatchTimeoutSeconds
+      "resources" (dict "cpu_request" $resources.cpuRequest "cpu_limit" $resources.cpuLimit "memory_request" $resources.memoryRequest "memory_limit" $resources.memoryLimit)
+      "kueue" (dict "enabled" $root.Values.kueue.enabled "queue_name" $root.Values.kueue.localQueue)
+-}}
+{{- if $pool.gpu -}}
+{{- $_ := set $entry "gpu_type" $job.gpuType -}}
+{{- $_ := set $entry "gpu_count" ($job.gpuCount | default 1) -}}
+{{- end -}}
+{{- $data := $root.Values.data -}}
+{{- if eq $data.mode "volume" -}}
+{{- $_ := set $entry "data" (dict "kind" "volume" "claim_name" (include "taskserver.dataClaimName" $root) "mount_path" $data.mountPath) -}}
+{{- else if eq $data.mode "objectStore" -}}
+{{- $_ := set $entry "data" (dict "kind" "object_store" "url" $data.objectStore.url "credentials_secret" ($data.objectStore.existingSecret | default nil) "endpoint_url" ($data.objectStore.endpointUrl | default nil) "result_storage_block" ($data.objectStore.resultStorageBlock | default nil)) -}}
+{{- end -}}
+{{- $_ := set $options $pool.name $entry -}}
+{{- end -}}
+{{- toPrettyJson $options -}}
+{{- end -}}
+
+{{/* The server's database settings: the URL comes from a Secret, never a literal. */}}
+{{- define "taskserver.serverDatabaseEnv" -}}
+- name: PREFECT_HOME
+  value: /tmp/prefect
+{{- if .Values.postgresql.enabled }}
+- name: PREFECT_SERVER_DATABASE_DRIVER
+  value: postgresql+asyncpg
+- name: PREFECT_SERVER_DATABASE_HOST
+  value: {{ printf "%s.%s.svc" (include "taskserver.postgresName" .) .Release.Namespace | quote }}
+- name: PREFECT_SERVER_DATABASE_PORT
+  value: "5432"
+- name: PREFECT_SERVER_DATABASE_NAME
+  value: {{ .Values.postgresql.database | quote }}
+- name: PREFECT_SERVER_DATABASE_USER
+  value: {{ .Values.postgresql.username | quote }}
+- name: PREFECT_SERVER_DATABASE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "taskserver.postgresSecretName" . }}
+      key: password
+{{- else }}
+- name: PREFECT_SERVER_DATABASE_CONNECTION_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "taskserver.databaseSecretName" . }}
+      key: {{ .Values.externalDatabase.existingSecretKey }}
+{{- end }}
+{{- end -}}
+
+{{/* A container that waits until the API answers /api/health (hook Jobs start before it does). */}}
+{{- define "taskserver.waitForApi" -}}
+- name: wait-for-api
+  image: {{ include "taskserver.image" (dict "root" . "name" "cpu") }}
+  imagePullPolicy: {{ .Values.images.pullPolicy }}
+  command:
+    - python
+    - -c
+    - |
+      import os, time, urllib.request
+      url = os.environ["PREFECT_API_URL"] + "/health"
+      for attempt in range(180):
+          try:
+              urllib.request.urlopen(url, timeout=5).read()
+              break
+          except OSError as exc:
+              print(f"waiting for {url}: {exc}", flush=True)
+              time.sleep(5)
+      else:
+          raise SystemExit(f"{url} did not answer within 15 minutes")
+  env:
+    {{- include "taskserver.clientEnv" . | nindent 4 }}
+  securityContext:
+    {{- include "taskserver.containerSecurityContext" (dict) | nindent 4 }}
+  resources:
+    requests: {cpu: 10m, memory: 64Mi}
+    limits: {cpu: 100m, memory: 128Mi}
+{{- end -}}

@@ -1,0 +1,67 @@
+{{/* Combinations of values that make no sense fail here, with a sentence saying what to change. */}}
+{{- define "taskserver.validate" -}}
+{{- $platform := include "taskserver.platform" . | fromJson -}}
+{{- $gpuNames := list -}}
+{{- range $platform.gpus }}{{ $gpuNames = append $gpuNames .name }}{{ end -}}
+{{- $priorityNames := list -}}
+{{- range $platform.priorities }}{{ $priorityNames = append $priorityNames .name }}{{ end -}}
+{{- $poolNames := list -}}
+{{- range $platform.pools }}{{ $poolNames = append $poolNames .name }}{{ end -}}
+
+{{- if and .Values.postgresql.enabled .Values.externalDatabase.enabled -}}
+{{- fail "taskserver: postgresql.enabled and externalDatabase.enabled are both true; choose the bundled Postgres or an external database, not both." -}}
+{{- end -}}
+{{- if not (or .Values.postgresql.enabled .Values.externalDatabase.enabled) -}}
+{{- fail "taskserver: no database; set postgresql.enabled=true for the bundled Postgres, or externalDatabase.enabled=true with existingSecret or connectionUrl." -}}
+{{- end -}}
+{{- if and .Values.externalDatabase.enabled (not (or .Values.externalDatabase.existingSecret .Values.externalDatabase.connectionUrl)) -}}
+{{- fail "taskserver: externalDatabase.enabled needs externalDatabase.existingSecret (a Secret with the connection URL) or externalDatabase.connectionUrl." -}}
+{{- end -}}
+{{- if and .Values.externalDatabase.existingSecret .Values.externalDatabase.connectionUrl -}}
+{{- fail "taskserver: set externalDatabase.existingSecret or externalDatabase.connectionUrl, not both." -}}
+{{- end -}}
+
+{{- range $name, $worker := .Values.workers -}}
+{{- if and (ne $name "defaults") (not (has $name $poolNames)) -}}
+{{- fail (printf "taskserver: workers.%s names no work pool; the pools are %s (taskserver.platform.tasks.POOLS)." $name (join ", " $poolNames)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $pool := $platform.pools -}}
+{{- $values := include "taskserver.workerValues" (dict "root" $ "pool" $pool) | fromJson -}}
+{{- $job := $values.job | default dict -}}
+{{- if and $pool.gpu $values.enabled (not $job.gpuType) -}}
+{{- fail (printf "taskserver: the %s pool is enabled but workers.%s.job.gpuType is empty; name a GPU type (%s) or disable the pool." $pool.name $pool.name (join ", " $gpuNames)) -}}
+{{- end -}}
+{{- if and $pool.gpu $job.gpuType (not (has $job.gpuType $gpuNames)) -}}
+{{- fail (printf "taskserver: workers.%s.job.gpuType %q is not in the GPU catalogue; choose one of %s, or add it to taskserver.platform.gpus." $pool.name $job.gpuType (join ", " $gpuNames)) -}}
+{{- end -}}
+{{- if and $job.defaultPriority (not (has $job.defaultPriority $priorityNames)) -}}
+{{- fail (printf "taskserver: workers.%s.job.defaultPriority %q is not a priority; choose one of %s." $pool.name $job.defaultPriority (join ", " $priorityNames)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- if and (eq .Values.data.mode "objectStore") (not .Values.data.objectStore.url) -}}
+{{- fail "taskserver: data.mode=objectStore needs data.objectStore.url (e.g. s3://bucket/taskserver)." -}}
+{{- end -}}
+{{- if and (eq .Values.data.mode "volume") .Values.data.volume.existingClaim .Values.data.volume.storageClass -}}
+{{- fail "taskserver: data.volume.existingClaim and data.volume.storageClass are both set; the storage class only applies to a claim the chart creates." -}}
+{{- end -}}
+
+{{- if .Values.karpenter.enabled -}}
+{{- if not .Values.karpenter.gpuTypes -}}
+{{- fail (printf "taskserver: karpenter.enabled needs karpenter.gpuTypes, the GPU types to scale from zero (%s)." (join ", " $gpuNames)) -}}
+{{- end -}}
+{{- range .Values.karpenter.gpuTypes -}}
+{{- if not (has . $gpuNames) -}}
+{{- fail (printf "taskserver: karpenter.gpuTypes has %q, which is not in the GPU catalogue (%s)." . (join ", " $gpuNames)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- if and .Values.auth.existingSecret (not .Values.auth.enabled) -}}
+{{- fail "taskserver: auth.existingSecret is set but auth.enabled is false; enable auth or drop the secret." -}}
+{{- end -}}
+{{- if and .Values.server.ingress.enabled (not .Values.server.ingress.host) -}}
+{{- fail "taskserver: server.ingress.enabled needs server.ingress.host." -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,42 @@
+"""skaffold.yaml against skaffold's own v4beta14 schema (no skaffold binary can be installed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO.parent / "shared" / "schemas" / "skaffold-v4beta14.json"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load((REPO / "skaffold.yaml").read_text())
+
+
+@pytest.mark.skipif(not SCHEMA.exists(), reason=f"{SCHEMA} is not present (it lives in the shared folder)")
+def test_skaffold_yaml_validates_against_the_v4beta14_schema(config) -> None:
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
+    errors = [f"{list(error.path)}: {error.message}" for error in validator.iter_errors(config)]
+    assert not errors, "\n".join(errors)
+
+
+def test_skaffold_builds_both_images_from_their_dockerfiles(config) -> None:
+    built = {artifact["image"]: artifact["docker"]["dockerfile"] for artifact in config["build"]["artifacts"]}
+    assert built == {"taskserver-cpu": "images/Dockerfile.cpu", "taskserver-gpu": "images/Dockerfile.gpu"}
+    for dockerfile in built.values():
+        assert (REPO / dockerfile).exists()
+
+
+def test_skaffold_deploys_the_chart_with_local_and_gpu_profiles(config) -> None:
+    (release,) = config["deploy"]["helm"]["releases"]
+    assert (REPO / release["chartPath"] / "Chart.yaml").exists()
+    assert {profile["name"] for profile in config["profiles"]} == {"local", "gpu"}
+    for profile in config["profiles"]:
+        for patch in profile["patches"]:
+            for values_file in patch["value"] if patch["path"].endswith("valuesFiles") else []:
+                assert (REPO / values_file).exists(), values_file
