@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 # Set before anything imports prefect, unstructured or transformers.
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -13,6 +15,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if "TASKSERVER_HOME" not in os.environ:
     os.environ["TASKSERVER_HOME"] = tempfile.mkdtemp(prefix="taskserver-test-home-")
+
+# Shared test data makers (pdf_factory) import as top-level modules.
+sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
@@ -24,3 +29,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """In the full test command, nothing may skip: a skip there would hide a missing install step."""
+    config._taskserver_strict_skips = os.environ.get("TASKSERVER_STRICT_SKIPS") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and getattr(item.config, "_taskserver_strict_skips", False) and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"skipped under TASKSERVER_STRICT_SKIPS=1 (the test command installs everything): {reason}"

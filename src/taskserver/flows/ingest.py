@@ -76,21 +76,24 @@ def _write_chunk_catalogue(summary: PdfBatchSummary, location: str) -> int:
 
 @flow(name="ingest-documents", description="PDFs to chunks to embeddings to clusters and a search index.")
 def ingest_documents(
-    inputs: Annotated[
-        list[str] | str,
-        Field(description="PDF paths or URLs, a directory of PDFs, or a glob. Relative paths are under the data dir."),
-    ],
-    output_dir: Annotated[
-        str, Field(description="Where the collection is written. Relative paths are under the data dir.")
-    ] = DEFAULT_OUTPUT_DIR,
-    max_characters: Annotated[int, Field(ge=50, le=100_000, description="Largest chunk, in characters.")] = 1000,
-    clusters: Annotated[
-        int | None, Field(ge=1, description="Number of k-means clusters; default sqrt(chunks / 2).")
-    ] = None,
-    seed: Annotated[int, Field(ge=0, description="Seed for k-means: same seed, same clusters.")] = 0,
-    workers: Annotated[int, Field(ge=0, le=64, description="PDF worker processes; 0 means one per core.")] = 0,
+    inputs: list[str] | str,
+    output_dir: str = DEFAULT_OUTPUT_DIR,
+    max_characters: Annotated[int, Field(ge=50, le=100_000)] = 1000,
+    clusters: Annotated[int | None, Field(ge=1)] = None,
+    seed: Annotated[int, Field(ge=0)] = 0,
+    workers: Annotated[int, Field(ge=0, le=64)] = 0,
 ) -> IngestSummary:
-    """Build a searchable, clustered collection from PDFs; bad files are reported, good ones kept."""
+    """Build a searchable, clustered collection from PDFs; bad files are reported, good ones kept.
+
+    Args:
+        inputs: PDF paths or URLs, a directory of PDFs, or a glob. Relative paths are under the data dir.
+        output_dir: Where the collection (chunks.jsonl, embeddings.npz, clusters/) is written.
+            Relative paths are under the data dir.
+        max_characters: Largest chunk, in characters.
+        clusters: Number of k-means clusters; default sqrt(chunks / 2).
+        seed: Seed for k-means: the same seed gives the same clusters.
+        workers: PDF worker processes; 0 means one per CPU core.
+    """
     logger = get_run_logger()
     collection = Collection(storage.makedirs(output_dir))
     seconds: dict[str, float] = {}

@@ -1,0 +1,199 @@
+"""The ``encode`` flow: texts (a list or a .jsonl/.csv/.txt file) to an embeddings file.
+
+A thin wrapper over ``taskserver.encoding``: chunks for progress, the on-disk content cache,
+an artifact with counts, cache hits and timings. Bad texts are named; the good ones are still saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field
+
+from taskserver import encoding
+from taskserver.encoding import EmbeddingCache, Embeddings
+from taskserver.errors import BatchFailedError, EncodingInputError, ParameterError
+from taskserver.flows.runtime import (
+    Progress,
+    file_fingerprint,
+    markdown_table,
+    publish_summary,
+    retry_transient_only,
+)
+from taskserver.settings import get_settings
+
+CHUNK_SIZE = 4096
+"""Texts per encode task: each finished chunk advances the progress artifact."""
+
+
+@task(
+    name="read-texts",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient_only,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def read_input(input_path: str) -> tuple[list[str], list[Any]]:
+    return encoding.read_texts(input_path)
+
+
+@task(name="encode-chunk", retries=1, retry_condition_fn=retry_transient_only, cache_policy=NO_CACHE, persist_result=False)
+def encode_chunk(
+    texts: list[str], ids: list[str], normalize: bool, batch_size: int, use_cache: bool, source: str
+) -> Embeddings:
+    cache = EmbeddingCache() if use_cache else None
+    return encoding.encode_texts(texts, ids, normalize=normalize, batch_size=batch_size, cache=cache, source=source)
+
+
+@task(
+    name="save-embeddings",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_transient_only,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def save_output(embeddings: Embeddings, output: str) -> str:
+    return encoding.save_embeddings(embeddings, output)
+
+
+def default_output(texts: list[Any] | None, ids: list[str] | None, input_path: str | None, normalize: bool) -> str:
+    """``outputs/embeddings/<digest>.npz``: the same input and options always write the same file."""
+    digest = hashlib.sha256(f"{encoding.model_identity()}|normalize={normalize}".encode())
+    if input_path is not None:
+        digest.update(b"file:" + file_fingerprint(input_path).encode())
+    else:
+        for text in texts or []:
+            encoded = str(text).encode("utf-8", "surrogatepass")
+            digest.update(len(encoded).to_bytes(8, "little") + encoded)
+        digest.update(b"ids:" + repr(ids).encode())
+    return f"outputs/embeddings/{digest.hexdigest()[:20]}.npz"
+
+
+@flow(name="encode", description="Texts to 384-dimensional embeddings with all-MiniLM-L6-v2.")
+def encode(
+    texts: list[str] | None = None,
+    input_path: str | None = None,
+    ids: list[str] | None = None,
+    output: str | None = None,
+    normalize: bool = True,
+    batch_size: Annotated[int | None, Field(ge=1, le=4096)] = None,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+    """Embed texts, save them, and return a summary: count, dims, output, cache hits, failures.
+
+    Bad texts (empty, whitespace-only) are named in the failed state; the good ones are still
+    embedded and saved, and the summary rides on the error as ``partial``.
+
+    Args:
+        texts: Texts to embed. Give these or input_path, not both; for large inputs use a file, since
+            parameters are stored with the flow run.
+        input_path: A .jsonl (field 'text', optional 'id'), .csv (column 'text', optional 'id') or
+            .txt (one text per line) file; relative paths are under the data dir.
+        ids: One unique id per text in 'texts'; default: the position (0, 1, ...).
+        output: Where to write the .npz or .parquet file; default outputs/embeddings/<input digest>.npz.
+        normalize: Scale every vector to unit length (for cosine search).
+        batch_size: Texts per forward pass; default from the settings (TASKSERVER_EMBEDDING_BATCH_SIZE).
+        use_cache: Serve texts embedded before from the content cache (cache/embeddings.sqlite in the data dir).
+    """
+    started = time.perf_counter()
+    if (texts is None) == (input_path is None):
+        raise ParameterError("texts/input_path", "give exactly one of 'texts' or 'input_path'")
+    if input_path is not None and ids is not None:
+        raise ParameterError("ids", "ids come from the input file; give 'ids' only with 'texts'")
+    batch_size = batch_size or get_settings().embedding_batch_size
+    source = input_path if input_path is not None else "texts"
+
+    if input_path is not None:
+        item_ids, items = read_input(input_path)
+    else:
+        item_ids, items = ids, list(texts or [])
+    read_seconds = time.perf_counter() - started
+    if not items:
+        raise EncodingInputError(source, "no texts to encode", "pass at least one non-empty string")
+    item_ids = encoding.check_ids(item_ids, len(items), source)
+    bad = encoding.check_texts(items, item_ids, source)
+    if len(bad) == len(items):
+        raise encoding.bad_texts_error(bad, len(items))
+    bad_rows = {item.index for item in bad}
+    good = [row for row in range(len(items)) if row not in bad_rows]
+    output = output or default_output(items if input_path is None else None, ids, input_path, normalize)
+
+    encode_started = time.perf_counter()
+    progress = Progress(len(good), f"encoding {len(good)} texts") if len(good) > CHUNK_SIZE else None
+    parts: list[Embeddings] = []
+    for start in range(0, len(good), CHUNK_SIZE):
+        rows = good[start : start + CHUNK_SIZE]
+        part = encode_chunk(
+            [items[row] for row in rows], [item_ids[row] for row in rows], normalize, batch_size, use_cache, source
+        )
+        parts.append(part)
+        if progress is not None:
+            progress.advance(len(rows), f"{part.cache_hits} from cache")
+    embeddings = Embeddings(
+        [item for part in parts for item in part.ids],
+        np.concatenate([part.vectors for part in parts]) if len(parts) > 1 else parts[0].vectors,
+        parts[0].model,
+        normalize,
+        sum(part.cache_hits for part in parts),
+        sum(part.encoded for part in parts),
+    )
+    encode_seconds = time.perf_counter() - encode_started
+
+    save_started = time.perf_counter()
+    location = save_output(embeddings, output)
+    save_seconds = time.perf_counter() - save_started
+    total_seconds = time.perf_counter() - started
+
+    summary: dict[str, Any] = {
+        "count": len(embeddings),
+        "dims": embeddings.dims,
+        "output": location,
+        "cache_hits": embeddings.cache_hits,
+        "encoded": embeddings.encoded,
+        "failed": {item.label: item.reason for item in bad},
+        "seconds": round(total_seconds, 3),
+    }
+    _publish(summary, len(items), bad, read_seconds, encode_seconds, save_seconds, total_seconds)
+    if bad:
+        raise BatchFailedError.from_failures(summary["failed"], len(items), partial=summary)
+    return summary
+
+
+def _publish(
+    summary: dict[str, Any],
+    total: int,
+    bad: list[encoding.BadText],
+    read_seconds: float,
+    encode_seconds: float,
+    save_seconds: float,
+    total_seconds: float,
+) -> None:
+    rate = summary["count"] / encode_seconds if encode_seconds > 0 else 0.0
+    rows = [
+        ("texts in", total),
+        ("embedded", summary["count"]),
+        ("from cache", summary["cache_hits"]),
+        ("through the model", summary["encoded"]),
+        ("failed", len(bad)),
+        ("dimensions", summary["dims"]),
+        ("output", f"`{summary['output']}`"),
+        ("read (s)", f"{read_seconds:.2f}"),
+        ("encode (s)", f"{encode_seconds:.2f} ({rate:.0f} texts/s)"),
+        ("save (s)", f"{save_seconds:.2f}"),
+        ("total (s)", f"{total_seconds:.2f}"),
+    ]
+    markdown = markdown_table(["", "value"], rows)
+    if bad:
+        markdown += "\n\n## Failed texts\n\n" + markdown_table(
+            ["text", "reason"], [(item.label, item.reason) for item in bad[:200]]
+        )
+        if len(bad) > 200:
+            markdown += f"\n\n... and {len(bad) - 200} more."
+    publish_summary("encode-summary", "Encode", markdown)
