@@ -62,3 +62,11 @@ def get_task(name: str) -> TaskType:
         raise ParameterError(
             f"task {name!r}", "unknown task", f"choose one of: {', '.join(_BY_NAME)}"
         ) from None
+
+
+PROBE_TASK = TaskType(
+    "probe", "src/taskserver/flows/probe.py:probe", CPU_POOL,
+    "Diagnostic: records when its body starts, then sleeps. Used by tests and benchmarks.",
+)
+DIAGNOSTIC_TASKS: tuple[TaskType, ...] = (PROBE_TASK,)
+"""Deployed only on request (`taskserver bootstrap --with-probe`); not part of the catalogue."""

@@ -1,0 +1,248 @@
+"""The user's entry points: the local stack, bootstrap, submission, status and one-off runs.
+
+Each command is a thin shell over ``taskserver.platform``; errors from there already name the
+input and the reason, so they are printed as they are, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from functools import wraps
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from taskserver.errors import TaskserverError
+
+app = typer.Typer(
+    name="taskserver", no_args_is_help=True, add_completion=False,
+    help="A priority task server for ML and data work, on Prefect.",
+)
+
+DEMO_MANIFEST = "demo.json"
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TaskserverError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _use_local_stack_if_unset() -> None:
+    """Without PREFECT_API_URL, talk to the local stack if one is running."""
+    # Runs before anything imports prefect, which reads its settings once, at import.
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from taskserver.settings import get_settings
+
+    state = get_settings().home.expanduser() / "run" / "stack.json"
+    try:
+        url = json.loads(state.read_text()).get("api_url")
+    except (OSError, ValueError):
+        return
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+
+
+@app.command()
+@_friendly
+def up(
+    port: int = typer.Option(4200, help="Port of the Prefect server on 127.0.0.1."),
+    database_url: Optional[str] = typer.Option(
+        None, help="SQLAlchemy URL, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect. Default: SQLite under the home."
+    ),
+    slots: int = typer.Option(2, min=1, help="Concurrent flow runs per worker."),
+    demo: bool = typer.Option(False, "--demo", help="Then run the demo on the sample data."),
+    with_probe: bool = typer.Option(False, "--with-probe", help="Also deploy the diagnostic probe flow."),
+) -> None:
+    """Start a Prefect server, bootstrap it and start one worker per pool, all on this machine."""
+    from taskserver.platform.localstack import up as stack_up
+
+    info = stack_up(port=port, database_url=database_url, slots=slots, with_probe=with_probe, echo=typer.echo)
+    if demo:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        os.environ["PREFECT_API_URL"] = info.api_url
+        with temporary_settings(updates={PREFECT_API_URL: info.api_url}):
+            _run_demo()
+
+
+@app.command()
+@_friendly
+def down() -> None:
+    """Stop exactly what `taskserver up` started (its state is kept for the next `up`)."""
+    from taskserver.platform.localstack import down as stack_down
+
+    stack_down(echo=typer.echo)
+
+
+@app.command()
+@_friendly
+def bootstrap(
+    pool_type: str = typer.Option(
+        "taskserver-process", help="Pool type: taskserver-process (local), process, or kubernetes (cluster)."
+    ),
+    pool_limit: List[str] = typer.Option([], help="Pool concurrency limit, e.g. cpu=4 (repeatable)."),
+    queue_limit: List[str] = typer.Option([], help="Queue concurrency limit, e.g. gpu/low=1 (repeatable)."),
+    with_probe: bool = typer.Option(False, "--with-probe", help="Also deploy the diagnostic probe flow."),
+) -> None:
+    """Create or update pools, priority queues, deployments and automations. Safe to repeat."""
+    _use_local_stack_if_unset()
+    from taskserver.platform.bootstrap import Limits
+    from taskserver.platform.bootstrap import bootstrap as run_bootstrap
+    from taskserver.platform.tasks import DIAGNOSTIC_TASKS
+
+    env_limits = Limits.from_env()
+    flags = Limits.parse(pool_limit, queue_limit)
+    limits = Limits(pool={**env_limits.pool, **flags.pool}, queue={**env_limits.queue, **flags.queue})
+    report = run_bootstrap(pool_type=pool_type, limits=limits, extra_tasks=DIAGNOSTIC_TASKS if with_probe else ())
+    typer.echo(report.summary())
+
+
+@app.command()
+@_friendly
+def submit(
+    task: str = typer.Argument(..., help="Task type (flow name), e.g. encode."),
+    priority: str = typer.Option("normal", "--priority", "-p", help="critical, high, normal or low."),
+    param: List[str] = typer.Option([], "--param", help="KEY=VALUE; VALUE is JSON if it parses, else a string."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish and show its status."),
+    timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+) -> None:
+    """Queue a run of TASK at a priority; prints the flow run id."""
+    _use_local_stack_if_unset()
+    from taskserver.platform.submission import parse_params, status, submit as do_submit
+
+    run_id = do_submit(task, priority, parse_params(param), wait=wait, timeout=timeout)
+    typer.echo(str(run_id))
+    if wait:
+        final = status(run_id)
+        typer.echo("\n".join(final.lines()))
+        if final.state_type != "COMPLETED":
+            raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def status(run_id: str = typer.Argument(..., help="A flow run id.")) -> None:
+    """Show a run's state, queue and timings."""
+    _use_local_stack_if_unset()
+    from taskserver.platform.submission import status as run_status
+
+    typer.echo("\n".join(run_status(run_id).lines()))
+
+
+@app.command()
+@_friendly
+def run(
+    flow: str = typer.Argument(..., help="Task type (flow name) from the catalogue, e.g. encode."),
+    param: List[str] = typer.Option([], "--param", help="KEY=VALUE; VALUE is JSON if it parses, else a string."),
+) -> None:
+    """Run one flow in this process on a temporary Prefect server: no stack needed."""
+    result = run_in_process(flow, _parse(param))
+    typer.echo(json.dumps(result, default=str, indent=2) if not isinstance(result, str) else result)
+
+
+def _parse(items: list[str]) -> dict[str, Any]:
+    from taskserver.platform.submission import parse_params
+
+    return parse_params(items)
+
+
+def load_catalogue_flow(name: str):
+    """The flow object of a catalogue task (or the probe), loaded from its entrypoint."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from taskserver.platform.deployments import code_dir
+    from taskserver.platform.tasks import DIAGNOSTIC_TASKS, get_task
+
+    diagnostic = {t.name: t for t in DIAGNOSTIC_TASKS}
+    task = diagnostic.get(name) or get_task(name)
+    path, _, func = task.entrypoint.rpartition(":")
+    source = code_dir() / path
+    if not source.exists():
+        raise TaskserverError(f"task {name!r}", f"its flow file {path} does not exist yet")
+    return load_flow_from_entrypoint(f"{source}:{func}")
+
+
+def run_in_process(name: str, parameters: dict[str, Any]) -> Any:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from taskserver.platform.submission import validate_parameters
+
+    flow = load_catalogue_flow(name)
+    schema = flow.parameters.model_dump_for_openapi()
+    validate_parameters(parameters, schema, name)
+    with prefect_test_harness():
+        return flow(**parameters)
+
+
+@app.command()
+@_friendly
+def demo(
+    timeout: float = typer.Option(1800, help="Give up on a demo run after this many seconds."),
+) -> None:
+    """Run ingest-documents, train and infer on the shipped sample data through the queues."""
+    _use_local_stack_if_unset()
+    _run_demo(timeout)
+
+
+def demo_plan() -> list[dict[str, Any]]:
+    """The demo's runs, from ``taskserver/samples/demo.json`` (placeholders: {samples}, {data})."""
+    from taskserver.platform.deployments import code_dir
+    from taskserver.settings import get_settings
+
+    samples = code_dir() / "src" / "taskserver" / "samples"
+    if not samples.is_dir():
+        samples = Path(__file__).resolve().parent / "samples"
+    manifest = samples / DEMO_MANIFEST
+    if not manifest.exists():
+        raise TaskserverError(
+            str(manifest), "no demo manifest: the sample data for the demo is not shipped yet",
+            'add it as a JSON list of {"task", "priority", "parameters"} entries',
+        )
+    text = manifest.read_text()
+    text = text.replace("{samples}", str(samples)).replace("{data}", get_settings().data_location)
+    return json.loads(text)
+
+
+def _run_demo(timeout: float = 1800) -> None:
+    from taskserver.platform.submission import status as run_status
+    from taskserver.platform.submission import submit_async, wait_for_async
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise TaskserverError("PREFECT_API_URL", "no server to run the demo on", "run `taskserver up` first")
+    for step in demo_plan():
+        task, priority = step["task"], step.get("priority", "normal")
+        run_id = asyncio.run(submit_async(task, priority, step.get("parameters", {})))
+        typer.echo(f"{task}/{priority}: submitted {run_id}, waiting...")
+        asyncio.run(wait_for_async(run_id, timeout=timeout))
+        final = run_status(run_id)
+        typer.echo("\n".join("  " + line for line in final.lines()))
+        if final.state_type != "COMPLETED":
+            raise TaskserverError(f"demo step {task}", f"ended {final.state}: {final.message}")
+    typer.echo("demo finished: see the runs, artifacts and results in the Prefect UI")
+
+
+@app.command()
+@_friendly
+def worker(
+    pool: str = typer.Argument(..., help="Work pool to serve, e.g. cpu."),
+    slots: int = typer.Option(2, min=1, help="Concurrent flow runs."),
+    name: Optional[str] = typer.Option(None, help="Worker name."),
+) -> None:
+    """Run a priority-ordered process worker in the foreground (what `up` starts per pool)."""
+    from taskserver.platform.worker import main
+
+    main([pool, str(slots)] + ([name] if name else []))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,407 @@
+"""Bring any Prefect API to the platform's declared state: pools, priority queues, deployments
+and the zombie-run automation. Idempotent: a second run changes nothing and says so.
+
+Every name and number comes from ``priorities.py``, ``tasks.py`` and ``deployments.py``.
+Each pool's built-in ``default`` queue cannot be deleted, so it is kept and given the priority
+after the last level: runs sent there by hand still execute, but after all platform work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.actions import (
+    DeploymentScheduleCreate,
+    WorkPoolCreate,
+    WorkPoolUpdate,
+)
+from prefect.client.schemas.filters import WorkQueueFilter
+from prefect.client.schemas.objects import StateType, WorkQueue
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
+from prefect.exceptions import ObjectNotFound
+from prefect.utilities.callables import parameter_schema_from_entrypoint
+
+from taskserver.errors import InvalidInputError, ParameterError
+from taskserver.platform.deployments import (
+    ZOMBIE_WINDOW_SECONDS,
+    DeploymentSpec,
+    code_dir,
+    deployment_specs,
+    pull_steps,
+)
+from taskserver.platform.priorities import PRIORITIES
+from taskserver.platform.tasks import POOLS, TASKS, Pool, TaskType
+
+DEFAULT_QUEUE = "default"
+DEFAULT_QUEUE_PRIORITY = len(PRIORITIES) + 1
+ZOMBIE_AUTOMATION = "taskserver: crash zombie flows"
+POOL_LIMITS_ENV = "TASKSERVER_POOL_LIMITS"
+QUEUE_LIMITS_ENV = "TASKSERVER_QUEUE_LIMITS"
+
+
+@dataclass
+class Limits:
+    """Concurrency limits: ``pool`` by pool name, ``queue`` by ``"<pool>/<priority>"``. None = unlimited."""
+
+    pool: dict[str, int | None] = field(default_factory=dict)
+    queue: dict[str, int | None] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, pool_items: list[str] = (), queue_items: list[str] = ()) -> "Limits":
+        """Parse ``cpu=4`` and ``cpu/low=2`` items (CLI flags or comma-separated env values)."""
+        pools = {p.name for p in POOLS}
+        queues = {f"{p.name}/{level.name}" for p in POOLS for level in PRIORITIES}
+        return cls(
+            pool=_parse_items(pool_items, pools, "pool limit"),
+            queue=_parse_items(queue_items, queues, "queue limit"),
+        )
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        split = lambda name: [i for i in os.environ.get(name, "").split(",") if i.strip()]  # noqa: E731
+        return cls.parse(split(POOL_LIMITS_ENV), split(QUEUE_LIMITS_ENV))
+
+
+def _parse_items(items: list[str], allowed: set[str], what: str) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for item in items:
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in allowed:
+            raise ParameterError(f"{what} {item!r}", f"expected NAME=N with NAME one of {sorted(allowed)}")
+        if value.strip().lower() in ("", "none", "unlimited"):
+            out[key] = None
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            number = -1
+        if number < 0:
+            raise ParameterError(f"{what} {item!r}", "the limit must be a whole number >= 0, or 'none'")
+        out[key] = number
+    return out
+
+
+@dataclass
+class BootstrapReport:
+    changes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def summary(self) -> str:
+        lines = [f"changed: {c}" for c in self.changes] or ["no changes: already up to date"]
+        lines += [f"skipped: {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def base_job_template_for(pool: Pool, pool_type: str) -> dict[str, Any]:
+    """The pool's base job template: the Kubernetes engineer's generator, else the worker's default."""
+    if pool_type == "kubernetes":
+        try:
+            from taskserver.platform.kubernetes import base_job_template  # type: ignore[attr-defined]
+        except ImportError:
+            base_job_template = None
+        if base_job_template is not None:
+            return base_job_template(pool)
+        from prefect_kubernetes.worker import KubernetesWorker
+
+        return KubernetesWorker.get_default_base_job_template()
+    if pool_type == "taskserver-process":
+        from taskserver.platform.worker import PriorityProcessWorker
+
+        return PriorityProcessWorker.get_default_base_job_template()
+    from prefect.workers.base import BaseWorker
+
+    try:
+        worker_class = BaseWorker.get_worker_class_from_type(pool_type)
+    except Exception:
+        worker_class = None
+    if worker_class is None:
+        raise InvalidInputError(f"pool type {pool_type!r}", "no worker of that type is installed")
+    return worker_class.get_default_base_job_template()
+
+
+def zombie_automation() -> AutomationCore:
+    """Self-hosted Prefect's missing "crash zombie flows" automation (Prefect docs' definition)."""
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        description=(
+            "Marks a flow run Crashed when no event (heartbeat or state change) arrives within"
+            f" {ZOMBIE_WINDOW_SECONDS}s of its last heartbeat."
+        ),
+        enabled=True,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.*"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=ZOMBIE_WINDOW_SECONDS),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message="Flow run marked as crashed due to missing heartbeats.",
+            )
+        ],
+    )
+
+
+async def read_queues(client: PrefectClient, pool_name: str) -> list[WorkQueue]:
+    """All queues of a pool. Explicit paging arguments: newer FastAPI rejects the client's nulls."""
+    return await client.read_work_queues(
+        work_pool_name=pool_name, work_queue_filter=WorkQueueFilter(), limit=200, offset=0
+    )
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+class _Bootstrapper:
+    def __init__(self, client: PrefectClient, pool_type: str, limits: Limits, directory: Path):
+        self.client = client
+        self.pool_type = pool_type
+        self.limits = limits
+        self.directory = directory
+        self.report = BootstrapReport()
+
+    async def pools(self) -> None:
+        for pool in POOLS:
+            template = base_job_template_for(pool, self.pool_type)
+            limit = self.limits.pool.get(pool.name)
+            try:
+                current = await self.client.read_work_pool(pool.name)
+            except ObjectNotFound:
+                await self.client.create_work_pool(
+                    WorkPoolCreate(
+                        name=pool.name,
+                        type=self.pool_type,
+                        description=pool.description,
+                        base_job_template=template,
+                        concurrency_limit=limit,
+                    )
+                )
+                self.report.changes.append(f"pool {pool.name}: created ({self.pool_type})")
+                continue
+            if current.type != self.pool_type:
+                raise InvalidInputError(
+                    f"pool {pool.name!r}",
+                    f"exists with type {current.type!r}, not {self.pool_type!r}",
+                    "Prefect cannot change a pool's type: delete the pool or bootstrap with its type",
+                )
+            update: dict[str, Any] = {}
+            if _canonical(current.base_job_template) != _canonical(template):
+                update["base_job_template"] = template
+            if current.concurrency_limit != limit:
+                update["concurrency_limit"] = limit
+            if current.description != pool.description:
+                update["description"] = pool.description
+            if update:
+                await self.client.update_work_pool(pool.name, WorkPoolUpdate(**update))
+                self.report.changes.append(f"pool {pool.name}: updated {sorted(update)}")
+
+    async def queues(self) -> None:
+        for pool in POOLS:
+            wanted = {
+                level.work_queue: (level.queue_priority, self.limits.queue.get(f"{pool.name}/{level.name}"), level.description)
+                for level in PRIORITIES
+            }
+            existing = {q.name: q for q in await read_queues(self.client, pool.name)}
+            for name, (priority, limit, description) in wanted.items():
+                if name not in existing:
+                    await self.client.create_work_queue(
+                        name=name, work_pool_name=pool.name, priority=priority,
+                        concurrency_limit=limit, description=description,
+                    )
+                    self.report.changes.append(f"queue {pool.name}/{name}: created")
+                    continue
+                queue = existing[name]
+                update: dict[str, Any] = {}
+                if queue.concurrency_limit != limit:
+                    update["concurrency_limit"] = limit
+                if queue.description != description:
+                    update["description"] = description
+                if queue.is_paused:
+                    update["is_paused"] = False
+                if update:
+                    await self.client.update_work_queue(queue.id, **update)
+                    self.report.changes.append(f"queue {pool.name}/{name}: updated {sorted(update)}")
+            wanted_priority = {name: spec[0] for name, spec in wanted.items()}
+            wanted_priority[DEFAULT_QUEUE] = DEFAULT_QUEUE_PRIORITY
+            await self._settle_priorities(pool, wanted_priority)
+
+    async def _settle_priorities(self, pool: Pool, wanted: dict[str, int]) -> None:
+        # Setting a taken priority shifts the holder, so set in ascending order and re-check
+        # until the read-back state is exact.
+        for _ in range(5):
+            current = {q.name: q for q in await read_queues(self.client, pool.name)}
+            wrong = [(p, n) for n, p in wanted.items() if n in current and current[n].priority != p]
+            if not wrong:
+                return
+            for priority, name in sorted(wrong):
+                await self.client.update_work_queue(current[name].id, priority=priority)
+                self.report.changes.append(
+                    f"queue {pool.name}/{name}: priority {current[name].priority} -> {priority}"
+                )
+        current = {q.name: q.priority for q in await read_queues(self.client, pool.name)}
+        raise InvalidInputError(
+            f"work pool {pool.name!r}", f"queue priorities did not settle: {current}, wanted {wanted}"
+        )
+
+    async def deployments(self, tasks: list[TaskType]) -> None:
+        for spec in deployment_specs(tasks):
+            await self._deployment(spec)
+
+    def _schema(self, spec: DeploymentSpec) -> dict[str, Any] | None:
+        path, _, func = spec.task.entrypoint.rpartition(":")
+        source = self.directory / path
+        if not source.exists():
+            return None
+        return parameter_schema_from_entrypoint(f"{source}:{func}").model_dump_for_openapi()
+
+    async def _deployment(self, spec: DeploymentSpec) -> None:
+        schema = self._schema(spec)
+        if schema is None:
+            self.report.skipped.append(f"{spec.full_name}: {spec.task.entrypoint} does not exist")
+            return
+        desired = {
+            "entrypoint": spec.task.entrypoint,
+            "path": str(self.directory),
+            "pull_steps": pull_steps(str(self.directory)),
+            "work_pool_name": spec.pool.name,
+            "work_queue_name": spec.work_queue_name,
+            "job_variables": spec.job_variables,
+            "tags": spec.tags,
+            "description": spec.description,
+            "parameter_openapi_schema": schema,
+            "enforce_parameter_schema": True,
+        }
+        desired_schedules = [
+            {"cron": s.cron, "timezone": s.timezone, "active": s.active} for s in spec.schedules
+        ]
+        try:
+            current = await self.client.read_deployment_by_name(spec.full_name)
+        except ObjectNotFound:
+            current = None
+        if current is not None:
+            have = {key: getattr(current, key) for key in desired}
+            have_schedules = [
+                {"cron": s.schedule.cron, "timezone": s.schedule.timezone, "active": s.active}
+                for s in current.schedules
+                if isinstance(s.schedule, CronSchedule)
+            ]
+            if _canonical(have) == _canonical(desired) and len(have_schedules) == len(current.schedules) \
+                    and _canonical(have_schedules) == _canonical(desired_schedules):
+                return
+        flow_id = await self.client.create_flow_from_name(spec.flow_name)
+        await self.client.create_deployment(
+            flow_id=flow_id,
+            name=spec.name,
+            schedules=[
+                DeploymentScheduleCreate(
+                    schedule=CronSchedule(cron=s.cron, timezone=s.timezone), active=s.active
+                )
+                for s in spec.schedules
+            ],
+            **desired,
+        )
+        self.report.changes.append(f"deployment {spec.full_name}: {'updated' if current else 'created'}")
+
+    async def automations(self) -> None:
+        wanted = zombie_automation()
+        existing = await self.client.read_automations_by_name(wanted.name)
+        view = lambda a: _canonical(  # noqa: E731
+            {
+                "description": a.description,
+                "enabled": a.enabled,
+                "trigger": a.trigger.model_dump(mode="json", exclude={"id"}),
+                "actions": [x.model_dump(mode="json") for x in a.actions],
+            }
+        )
+        if not existing:
+            await self.client.create_automation(wanted)
+            self.report.changes.append(f"automation {wanted.name!r}: created")
+            return
+        first, *duplicates = existing
+        for extra in duplicates:
+            await self.client.delete_automation(extra.id)
+            self.report.changes.append(f"automation {wanted.name!r}: removed a duplicate")
+        if view(first) != view(wanted):
+            await self.client.update_automation(first.id, wanted)
+            self.report.changes.append(f"automation {wanted.name!r}: updated")
+
+
+async def bootstrap_async(
+    pool_type: str = "taskserver-process",
+    limits: Limits | None = None,
+    extra_tasks: list[TaskType] | tuple[TaskType, ...] = (),
+    directory: Path | None = None,
+    client: PrefectClient | None = None,
+) -> BootstrapReport:
+    """Create or update pools, queues, deployments and automations on the current Prefect API."""
+    limits = limits if limits is not None else Limits.from_env()
+    directory = (directory or code_dir()).resolve()
+    tasks = list(TASKS) + list(extra_tasks)
+    if client is None:
+        async with get_client() as owned:
+            return await bootstrap_async(pool_type, limits, extra_tasks, directory, owned)
+    work = _Bootstrapper(client, pool_type, limits, directory)
+    await work.pools()
+    await work.queues()
+    await work.deployments(tasks)
+    await work.automations()
+    return work.report
+
+
+def bootstrap(
+    pool_type: str = "taskserver-process",
+    limits: Limits | None = None,
+    extra_tasks: list[TaskType] | tuple[TaskType, ...] = (),
+    directory: Path | None = None,
+) -> BootstrapReport:
+    return asyncio.run(bootstrap_async(pool_type, limits, extra_tasks, directory))
+
+
+async def platform_state(client: PrefectClient) -> dict[str, Any]:
+    """A comparable snapshot of what the bootstrap manages (for tests and `taskserver bootstrap --check`)."""
+    state: dict[str, Any] = {"pools": {}, "deployments": {}, "automations": []}
+    for pool in POOLS:
+        try:
+            wp = await client.read_work_pool(pool.name)
+        except ObjectNotFound:
+            continue
+        queues = await read_queues(client, pool.name)
+        state["pools"][pool.name] = {
+            "type": wp.type,
+            "concurrency_limit": wp.concurrency_limit,
+            "base_job_template": wp.base_job_template,
+            "updated": str(wp.updated),
+            "queues": {
+                q.name: {"priority": q.priority, "limit": q.concurrency_limit, "paused": q.is_paused,
+                         "updated": str(q.updated)}
+                for q in queues
+            },
+        }
+    for d in await client.read_deployments():
+        state["deployments"][d.id.hex] = {
+            "name": d.name, "flow_id": str(d.flow_id), "updated": str(d.updated),
+            "queue": d.work_queue_name, "pool": d.work_pool_name,
+        }
+    state["automations"] = sorted(
+        (a.name, str(a.id)) for a in await client.read_automations()
+    )
+    return state

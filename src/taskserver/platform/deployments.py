@@ -1,0 +1,169 @@
+"""Deployments generated from the task catalogue and the priority model.
+
+Every task gets one deployment per priority, named ``<flow>/<priority>``, in its pool and in
+the priority's work queue. ``prefect.yaml`` and the bootstrap are both built from
+``deployment_specs()``, so neither can drift from ``priorities.py`` and ``tasks.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from taskserver.platform.priorities import PRIORITIES, PriorityLevel
+from taskserver.platform.tasks import TASKS, Pool, TaskType
+
+PREFECT_YAML = "prefect.yaml"
+
+HEARTBEAT_SECONDS = 30
+"""Flow runs emit a heartbeat this often; the zombie automation waits three of them."""
+ZOMBIE_WINDOW_SECONDS = 90
+
+# The only schedule shipped: a nightly retrain, off until someone turns it on.
+NIGHTLY_RETRAIN_TASK = "train"
+NIGHTLY_RETRAIN_PRIORITY = "low"
+NIGHTLY_RETRAIN_CRON = "0 2 * * *"
+
+CODE_DIR_ENV = "TASKSERVER_CODE_DIR"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    cron: str
+    timezone: str = "UTC"
+    active: bool = False
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    task: TaskType
+    priority: PriorityLevel
+    schedules: tuple[ScheduleSpec, ...] = field(default=())
+
+    @property
+    def flow_name(self) -> str:
+        return self.task.name
+
+    @property
+    def name(self) -> str:
+        return self.priority.name
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.task.name}/{self.priority.name}"
+
+    @property
+    def pool(self) -> Pool:
+        return self.task.pool
+
+    @property
+    def work_queue_name(self) -> str:
+        return self.priority.work_queue
+
+    @property
+    def tags(self) -> list[str]:
+        return [self.task.name, f"priority:{self.priority.name}", f"pool:{self.pool.name}"]
+
+    @property
+    def description(self) -> str:
+        return f"{self.task.description} Priority {self.priority.name}: {self.priority.description}"
+
+    @property
+    def job_variables(self) -> dict[str, Any]:
+        # priority_class_name is read by the Kubernetes base job template; process pools ignore it.
+        return {
+            "priority_class_name": self.priority.priority_class_name,
+            "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)},
+        }
+
+
+def deployment_specs(tasks: tuple[TaskType, ...] | list[TaskType] = TASKS) -> list[DeploymentSpec]:
+    """One spec per task and priority, in catalogue order then priority order."""
+    specs = []
+    for task in tasks:
+        for level in PRIORITIES:
+            schedules: tuple[ScheduleSpec, ...] = ()
+            if task.name == NIGHTLY_RETRAIN_TASK and level.name == NIGHTLY_RETRAIN_PRIORITY:
+                schedules = (ScheduleSpec(NIGHTLY_RETRAIN_CRON, active=False),)
+            specs.append(DeploymentSpec(task, level, schedules))
+    return specs
+
+
+def code_dir() -> Path:
+    """Where the entrypoints (``src/taskserver/flows/...``) resolve from.
+
+    ``TASKSERVER_CODE_DIR`` wins; otherwise the checkout this package was installed from
+    (editable installs and images that copy the repository), else the current directory.
+    """
+    if os.environ.get(CODE_DIR_ENV):
+        return Path(os.environ[CODE_DIR_ENV]).resolve()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "src" / "taskserver" / "__init__.py").exists():
+            return parent
+    return Path.cwd().resolve()
+
+
+def pull_steps(directory: str) -> list[dict[str, Any]]:
+    return [{"prefect.deployments.steps.set_working_directory": {"directory": directory}}]
+
+
+def prefect_yaml_document() -> dict[str, Any]:
+    """The content of ``prefect.yaml``: offline build/push, and every generated deployment."""
+    deployments = []
+    for spec in deployment_specs():
+        entry: dict[str, Any] = {
+            "name": spec.name,
+            "flow_name": spec.flow_name,
+            "entrypoint": spec.task.entrypoint,
+            "description": spec.description,
+            "tags": spec.tags,
+            "enforce_parameter_schema": True,
+            "work_pool": {
+                "name": spec.pool.name,
+                "work_queue_name": spec.work_queue_name,
+                "job_variables": spec.job_variables,
+            },
+        }
+        if spec.schedules:
+            entry["schedules"] = [
+                {"cron": s.cron, "timezone": s.timezone, "active": s.active} for s in spec.schedules
+            ]
+        deployments.append(entry)
+    return {
+        "name": "taskserver",
+        "prefect-version": "3.8.8",
+        "build": None,
+        "push": None,
+        # Resolved when `prefect deploy` runs: run it from the repository root, or set
+        # TASKSERVER_CODE_DIR to where the code lives on the workers (the image's WORKDIR).
+        "pull": pull_steps("{{ $" + CODE_DIR_ENV + " }}"),
+        "deployments": deployments,
+    }
+
+
+HEADER = (
+    "# GENERATED by `python -m taskserver.platform.deployments` from platform/priorities.py and\n"
+    "# platform/tasks.py. Do not edit by hand: change the model and regenerate.\n"
+    "# Deploy offline with: TASKSERVER_CODE_DIR=$PWD prefect --no-prompt deploy --all\n"
+    "# (or `taskserver bootstrap`, which also creates pools, queues and automations).\n"
+)
+
+
+def render_prefect_yaml() -> str:
+    body = yaml.safe_dump(prefect_yaml_document(), sort_keys=False, width=100)
+    return HEADER + body
+
+
+def write_prefect_yaml(path: Path | None = None) -> Path:
+    target = path or (code_dir() / PREFECT_YAML)
+    target.write_text(render_prefect_yaml())
+    return target
+
+
+if __name__ == "__main__":
+    print(write_prefect_yaml())

@@ -1,0 +1,311 @@
+"""The one-command local stack: a Prefect server on 127.0.0.1, the bootstrap, one worker per pool.
+
+Everything runs as background processes whose pid files and logs live under
+``settings.home``; ``down`` stops exactly what ``up`` started. The database (SQLite by
+default, Postgres with ``database_url``) lives there too, so state survives down/up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from taskserver.errors import TaskserverError
+from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
+from taskserver.platform.tasks import DIAGNOSTIC_TASKS, POOLS
+from taskserver.platform.worker import WORKER_TYPE
+from taskserver.settings import get_settings
+
+DEFAULT_PORT = 4200
+HOST = "127.0.0.1"
+WORKER_SLOTS = 2
+POLL_SECONDS = 1
+SERVER_START_TIMEOUT = 120.0
+STOP_TIMEOUT = 20.0
+
+
+class StackError(TaskserverError):
+    """The local stack cannot start or stop as asked."""
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    home: Path
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def database(self) -> Path:
+        return self.home / "prefect.db"
+
+    @property
+    def state(self) -> Path:
+        return self.run / "stack.json"
+
+    def pidfile(self, component: str) -> Path:
+        return self.run / f"{component}.pid"
+
+    def log(self, component: str) -> Path:
+        return self.logs / f"{component}.log"
+
+
+def stack_paths(home: Path | None = None) -> StackPaths:
+    return StackPaths((home or get_settings().home).expanduser().resolve())
+
+
+def components() -> list[str]:
+    return ["server"] + [f"worker-{pool.name}" for pool in POOLS]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not running
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
+def _read_pid(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ours(record: dict) -> bool:
+    """The pid is still the process we started (not a reused pid)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return True
+    return record.get("marker", "") in cmdline
+
+
+def running_components(paths: StackPaths) -> dict[str, bool]:
+    """Each component that has a pid file, and whether its process is alive."""
+    found = {}
+    for component in components():
+        record = _read_pid(paths.pidfile(component))
+        if record is not None:
+            found[component] = _ours(record)
+    return found
+
+
+def api_url(port: int) -> str:
+    return f"http://{HOST}:{port}/api"
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _prefect_exe() -> str:
+    candidate = Path(sys.executable).parent / "prefect"
+    return str(candidate) if candidate.exists() else "prefect"
+
+
+def _spawn(paths: StackPaths, component: str, argv: list[str], env: dict[str, str], marker: str) -> int:
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    paths.run.mkdir(parents=True, exist_ok=True)
+    log = open(paths.log(component), "ab")
+    log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+    log.flush()
+    process = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True, cwd=str(paths.home),
+    )
+    log.close()
+    paths.pidfile(component).write_text(json.dumps({"pid": process.pid, "marker": marker}))
+    return process.pid
+
+
+def _base_env(paths: StackPaths) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "PREFECT_HOME": str(paths.prefect_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "true",
+            CODE_DIR_ENV: str(code_dir()),
+            "TASKSERVER_HOME": str(paths.home),
+        }
+    )
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    api_url: str
+    ui_url: str
+    database_url: str
+    home: Path
+
+
+def up(
+    port: int = DEFAULT_PORT,
+    database_url: str | None = None,
+    slots: int = WORKER_SLOTS,
+    home: Path | None = None,
+    with_probe: bool = False,
+    echo=print,
+) -> StackInfo:
+    """Start server, bootstrap and workers; raise ``StackError`` if anything is in the way."""
+    paths = stack_paths(home)
+    present = running_components(paths)
+    if present:
+        alive = sorted(c for c, ok in present.items() if ok)
+        dead = sorted(c for c, ok in present.items() if not ok)
+        if alive and not dead and len(alive) == len(components()):
+            state = _read_pid(paths.state) or {}
+            raise StackError(
+                f"local stack in {paths.home}", f"already running at {state.get('api_url', '?')}",
+                "use `taskserver down` to stop it",
+            )
+        raise StackError(
+            f"local stack in {paths.home}",
+            f"a previous stack is half-running (alive: {', '.join(alive) or 'none'};"
+            f" gone: {', '.join(dead) or 'none'})",
+            "run `taskserver down` to clean it up, then `taskserver up`",
+        )
+    if _port_taken(port):
+        raise StackError(f"port {port}", f"something is already listening on {HOST}:{port}",
+                         "stop it or pass --port")
+    url = api_url(port)
+    db_url = database_url or f"sqlite+aiosqlite:///{paths.database}"
+    paths.prefect_home.mkdir(parents=True, exist_ok=True)
+    env = _base_env(paths)
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = db_url
+    marker = f"--port {port}"
+    _spawn(paths, "server", [_prefect_exe(), "server", "start", "--host", HOST, "--port", str(port)],
+           env, marker)
+    echo(f"starting Prefect server on {HOST}:{port} (logs: {paths.log('server')})")
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while not _healthy(url):
+        record = _read_pid(paths.pidfile("server")) or {}
+        if not _ours(record):
+            down(home=paths.home, echo=lambda *_: None)
+            raise StackError("Prefect server", "exited during start-up",
+                             f"see {paths.log('server')}")
+        if time.monotonic() > deadline:
+            down(home=paths.home, echo=lambda *_: None)
+            raise StackError("Prefect server", f"not healthy after {SERVER_START_TIMEOUT:.0f}s",
+                             f"see {paths.log('server')}")
+        time.sleep(0.5)
+    paths.state.write_text(json.dumps({"api_url": url, "port": port, "database_url": db_url}))
+
+    try:
+        report = run_bootstrap(url, with_probe=with_probe)
+    except Exception:
+        down(home=paths.home, echo=lambda *_: None)
+        raise
+    echo(report.summary() if report.changed else "bootstrap: already up to date")
+
+    worker_env = dict(env)
+    worker_env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    worker_env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)})
+    for pool in POOLS:
+        name = f"local-{pool.name}"
+        _spawn(paths, f"worker-{pool.name}",
+               [sys.executable, "-m", "taskserver.platform.worker", pool.name, str(slots), name],
+               worker_env, f"taskserver.platform.worker {pool.name}")
+    ui = url.removesuffix("/api")
+    echo(f"workers started: {', '.join(p.name for p in POOLS)} ({slots} slots each, polling every {POLL_SECONDS}s)")
+    echo(f"Prefect UI: {ui}")
+    echo(f"use it with: export PREFECT_API_URL={url}")
+    return StackInfo(api_url=url, ui_url=ui, database_url=db_url, home=paths.home)
+
+
+def run_bootstrap(url: str, with_probe: bool = False):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from taskserver.platform.bootstrap import bootstrap
+
+    extra = DIAGNOSTIC_TASKS if with_probe else ()
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        return bootstrap(pool_type=WORKER_TYPE, extra_tasks=extra)
+
+
+def down(home: Path | None = None, echo=print) -> list[str]:
+    """Stop the components ``up`` recorded (workers first), and remove their pid files."""
+    paths = stack_paths(home)
+    stopped = []
+    for component in reversed(components()):
+        pidfile = paths.pidfile(component)
+        record = _read_pid(pidfile)
+        if record is None:
+            continue
+        if _ours(record):
+            _terminate(record["pid"])
+            stopped.append(component)
+            echo(f"stopped {component} (pid {record['pid']})")
+        pidfile.unlink(missing_ok=True)
+    paths.state.unlink(missing_ok=True)
+    if not stopped:
+        echo(f"nothing was running from {paths.home}")
+    return stopped
+
+
+def _terminate(pid: int) -> None:
+    # Each component leads its own session (start_new_session), so its group is exactly it
+    # and the flow-run subprocesses it started.
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            finished = 0 if _alive(pid) else pid
+        if finished == pid or not _alive(pid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stack_api_url(home: Path | None = None) -> str | None:
+    """The running stack's API URL, for commands run without PREFECT_API_URL."""
+    state = _read_pid(stack_paths(home).state)
+    return state.get("api_url") if state else None

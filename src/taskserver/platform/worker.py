@@ -1,0 +1,163 @@
+"""A process worker that starts flow runs in priority order, not only picks them up in it.
+
+Prefect's server hands a worker scheduled runs sorted by queue priority, and a worker with a
+``limit`` takes only as many as it has free slots. But the runs taken in one poll are then
+launched concurrently, so a ``normal`` run picked up beside a ``critical`` one can reach its
+flow body first. This worker closes that gap: a run does not launch its process while a run
+of a strictly higher priority that this worker picked up earlier has not yet reached Running.
+Runs of the same priority launch together, so the gate costs nothing without mixed batches.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+from uuid import UUID
+
+import anyio
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, WorkQueueFilter
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.states import Scheduled
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+
+from taskserver.platform.priorities import PRIORITIES
+
+WORKER_TYPE = "taskserver-process"
+"""The pool type of the local stack's pools, served by this worker."""
+
+START_GATE_POLL_SECONDS = 0.2
+START_GATE_TIMEOUT_SECONDS = 120.0
+"""A higher-priority run that has not started by then no longer holds lower runs back."""
+
+MAX_REQUEUES = 3
+REQUEUE_API_WAIT_SECONDS = 300.0
+
+_NOT_STARTED = (StateType.SCHEDULED, StateType.PENDING)
+_UNKNOWN_QUEUE_PRIORITY = len(PRIORITIES) + 1
+
+
+class PriorityProcessWorker(ProcessWorker):
+    """Process worker whose flow bodies start in queue-priority order."""
+
+    type = WORKER_TYPE
+    _display_name = "Taskserver process"
+    _description = (
+        "Runs flow runs as subprocesses, starting each only after every higher-priority run it"
+        " picked up has started."
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._awaiting_start: dict[UUID, int] = {}
+        self._queue_priorities: dict[str, int] = {}
+        self._requeues: dict[UUID, int] = {}
+
+    async def get_and_submit_flow_runs(self) -> list[FlowRun]:
+        await self._refresh_queue_priorities()
+        runs = await super().get_and_submit_flow_runs()
+        # The base class only schedules the submissions; none has run yet, because nothing
+        # awaited since. Registering here therefore happens before any run reaches `run()`.
+        for run in runs:
+            self._awaiting_start.setdefault(run.id, self._priority_of(run))
+        return runs
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: ProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        try:
+            await self._wait_for_higher_priority_starts(flow_run)
+            result = await super().run(flow_run, configuration, task_status)
+        finally:
+            self._awaiting_start.pop(flow_run.id, None)
+        if result.status_code != 0 and await self._requeue_if_never_started(flow_run):
+            # Handled: the run is Scheduled again, so the base class must not mark it Crashed.
+            return ProcessWorkerResult(status_code=0, identifier=result.identifier)
+        return result
+
+    async def _requeue_if_never_started(self, flow_run: FlowRun) -> bool:
+        """A process that died before its run left Pending (typically: the API was down while
+        it started) would leave the run Pending forever. Put it back in its queue instead; its
+        body never ran, so this cannot run it twice."""
+        count = self._requeues.get(flow_run.id, 0)
+        if count >= MAX_REQUEUES:
+            return False
+        logger = self.get_flow_run_logger(flow_run)
+        with anyio.move_on_after(REQUEUE_API_WAIT_SECONDS):
+            while True:
+                try:
+                    current = await self.client.read_flow_run(flow_run.id)
+                    if current.state_type != StateType.PENDING:
+                        return False
+                    await self.client.set_flow_run_state(
+                        flow_run.id,
+                        Scheduled(message="Requeued: its process exited before the flow started"),
+                        force=True,
+                    )
+                    self._requeues[flow_run.id] = count + 1
+                    logger.warning("Process exited before the flow started; run requeued")
+                    return True
+                except Exception:  # the API may still be coming back
+                    await anyio.sleep(2)
+        return False
+
+    def _priority_of(self, flow_run: FlowRun) -> int:
+        return self._queue_priorities.get(flow_run.work_queue_name or "", _UNKNOWN_QUEUE_PRIORITY)
+
+    async def _refresh_queue_priorities(self) -> None:
+        try:
+            queues = await self.client.read_work_queues(
+                work_pool_name=self._work_pool_name, work_queue_filter=WorkQueueFilter(), limit=200, offset=0
+            )
+        except Exception:  # keep the last known map; the poll itself reports API trouble
+            return
+        self._queue_priorities = {queue.name: queue.priority for queue in queues}
+
+    def _blockers(self, flow_run: FlowRun) -> list[UUID]:
+        mine = self._awaiting_start.get(flow_run.id, self._priority_of(flow_run))
+        return [rid for rid, prio in self._awaiting_start.items() if prio < mine and rid != flow_run.id]
+
+    async def _wait_for_higher_priority_starts(self, flow_run: FlowRun) -> None:
+        blockers = self._blockers(flow_run)
+        if not blockers:
+            return
+        logger = self.get_flow_run_logger(flow_run)
+        logger.info(f"Waiting for {len(blockers)} higher-priority run(s) to start first")
+        with anyio.move_on_after(START_GATE_TIMEOUT_SECONDS) as scope:
+            while blockers:
+                runs = await self.client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=blockers)),
+                    sort=FlowRunSort.ID_DESC,  # explicit: newer FastAPI rejects the client's nulls
+                    limit=len(blockers),
+                )
+                for run in runs:
+                    if run.state_type not in _NOT_STARTED:
+                        self._awaiting_start.pop(run.id, None)
+                for rid in set(blockers) - {run.id for run in runs}:
+                    self._awaiting_start.pop(rid, None)  # deleted runs block nothing
+                blockers = self._blockers(flow_run)
+                if blockers:
+                    await anyio.sleep(START_GATE_POLL_SECONDS)
+        if scope.cancelled_caught:
+            logger.warning(
+                f"Higher-priority runs {blockers} did not start within"
+                f" {START_GATE_TIMEOUT_SECONDS:.0f}s; starting anyway"
+            )
+            for rid in blockers:
+                self._awaiting_start.pop(rid, None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m taskserver.platform.worker POOL LIMIT [NAME]``: what the local stack runs."""
+    args = sys.argv[1:] if argv is None else argv
+    pool, limit = args[0], int(args[1])
+    name = args[2] if len(args) > 2 else None
+    worker = PriorityProcessWorker(work_pool_name=pool, limit=limit, name=name, create_pool_if_not_found=False)
+    anyio.run(worker.start)
+
+
+if __name__ == "__main__":
+    main()

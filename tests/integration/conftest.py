@@ -1,0 +1,122 @@
+"""Real Prefect servers, real priority workers and a throwaway Postgres for the platform tests.
+
+Everything here is a subprocess on 127.0.0.1 started by the fixture and stopped by it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+import subprocess
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from platform_support import (  # noqa: E402
+    PrefectServer, WorkerProcess, _delete_unfinished_runs, free_port, run,
+)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real server on SQLite, with the platform bootstrapped (process pools, probe deployed)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    server = PrefectServer(home, f"sqlite+aiosqlite:///{home / 'prefect.db'}").start()
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        from taskserver.platform.bootstrap import bootstrap
+        from taskserver.platform.tasks import DIAGNOSTIC_TASKS
+
+        bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+        yield server
+    server.stop()
+    if previous is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = previous
+
+
+@pytest.fixture
+def start_worker(prefect_server, tmp_path):
+    """Factory: start a worker subprocess for a pool; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def start(pool: str = "cpu", slots: int = 2, worker_type: str = "taskserver", api_url: str | None = None):
+        worker = WorkerProcess(pool, slots, api_url or prefect_server.api_url,
+                               tmp_path / f"worker-{len(started)}.log", worker_type).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def records(tmp_path) -> Path:
+    path = tmp_path / "records"
+    path.mkdir()
+    return path
+
+
+# -- Postgres ----------------------------------------------------------------------------------
+
+def _postgres_bin() -> Path | None:
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
+            return Path(candidate)
+    found = shutil.which("initdb")
+    return Path(found).parent if found and shutil.which("pg_ctl") else None
+
+
+@pytest.fixture
+def postgres_url(tmp_path):
+    """A throwaway Postgres cluster (initdb + pg_ctl) on a loopback port; skips without the binaries."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("Postgres binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    # Outside pytest's 0700 tmp tree, so the postgres user (when we are root) can reach it.
+    base = Path(tempfile.mkdtemp(prefix="taskserver-pg-"))
+    data = base / "data"
+    port = free_port()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root; run the cluster as the postgres user
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root and runuser is missing; cannot start Postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(base, "postgres", "postgres")
+    result = subprocess.run(run_as + [str(bindir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust",
+                                      "-E", "UTF8"], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"initdb failed: {result.stderr}")
+    log = base / "postgres.log"
+    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+                             f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(run_as + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect",
+                                 "prefect"], check=True, capture_output=True)
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_queues(prefect_server):
+    """Each test starts with empty queues, whatever the previous one left behind."""
+    run(_delete_unfinished_runs())
+    yield
+    run(_delete_unfinished_runs())
+
+
