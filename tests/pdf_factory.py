@@ -7,24 +7,38 @@ input meets. Every function writes to ``path`` and returns it.
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 
 from fpdf import FPDF
 from pypdf import PdfReader, PdfWriter
 
 _WORDS = (
-    "the server schedules each task by priority and keeps every result on shared storage "
-    "so that a worker which restarts can pick up where another one stopped while the "
-    "queue keeps urgent work ahead of routine batches and nothing is computed twice"
+    "server schedules task priority result storage worker restart queue urgent routine batch "
+    "model embedding cluster index search document page section chapter report figure table "
+    "value measure sample training inference pipeline cache retry failure success latency "
+    "throughput memory processor network request response client operator engineer analyst "
+    "customer invoice contract policy budget forecast quarter revenue margin growth risk "
+    "review approval deadline schedule meeting summary decision owner team project release "
+    "version change update record archive backup restore security access permission audit "
+    "river mountain forest village harbour weather season garden kitchen library museum "
+    "careful quiet steady rapid simple complex useful modern early late large small"
 ).split()
+_VERBS = "keeps moves reads writes checks builds sends holds shows needs finds uses".split()
 
 
 def paragraph(seed: int, sentences: int = 4) -> str:
-    """Deterministic readable prose: narrative sentences that unstructured classifies as text."""
+    """Deterministic, varied prose: narrative sentences that unstructured classifies as text.
+
+    Varied on purpose: unstructured caches spaCy results per text, so repeated sentences would
+    make benchmarks look faster than real documents.
+    """
+    rng = random.Random(seed)
     out = []
-    for s in range(sentences):
-        start = (seed * 7 + s * 5) % len(_WORDS)
-        words = [_WORDS[(start + i) % len(_WORDS)] for i in range(12 + (seed + s) % 6)]
+    for _ in range(sentences):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 9))]
+        words.insert(2, rng.choice(_VERBS))
+        words = ["the"] + words[:2] + [words[2], "the"] + words[3:] + ["and", rng.choice(_WORDS)]
         out.append(" ".join(words).capitalize() + ".")
     return " ".join(out)
 
@@ -34,8 +48,9 @@ def text_pdf(
     pages: int = 3,
     sections_per_page: int = 2,
     title: str = "Report",
+    seed: int = 0,
 ) -> Path:
-    """A text PDF: each page has titled sections, each followed by a few paragraphs."""
+    """A text PDF: each page has titled sections, each followed by two paragraphs; ``seed`` varies the prose."""
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(False)
     for page in range(1, pages + 1):
@@ -46,7 +61,7 @@ def text_pdf(
             pdf.ln(2)
             pdf.set_font("Helvetica", "", 11)
             for p in range(2):
-                pdf.multi_cell(0, 6, paragraph(page * 31 + section * 7 + p), new_x="LMARGIN", new_y="NEXT")
+                pdf.multi_cell(0, 5, paragraph(seed * 100003 + page * 31 + section * 7 + p), new_x="LMARGIN", new_y="NEXT")
                 pdf.ln(3)
     path = Path(path)
     pdf.output(str(path))
