@@ -1,0 +1,756 @@
+"""Fine-tune a text classifier (MiniLM encoder + mean pooling + linear head) with accelerate.
+
+Runs in one process or under ``accelerate launch``. Checkpoints every N steps and resumes
+automatically from the newest readable checkpoint in ``output_dir``, so a crashed, evicted or
+retried job continues instead of starting over.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from taskserver import errors, storage
+from taskserver.errors import ParameterError, TaskserverError, TrainingDataError, TransientError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "taskserver-state.json"
+MODEL_SUBDIR = "model"
+PROGRESS_PREFIX = "TASKSERVER_PROGRESS "
+
+
+class TrainConfig(BaseModel):
+    """One training job. Re-running with the same ``output_dir`` resumes it."""
+
+    data_path: str = Field(description="JSONL or CSV file with one text and one label per row.")
+    output_dir: str = Field(description="Where checkpoints and the final model go (a local or mounted path).")
+    text_column: str = Field(default="text", description="Column (CSV) or field (JSONL) holding the text.")
+    label_column: str = Field(default="label", description="Column (CSV) or field (JSONL) holding the label.")
+    validation_fraction: float = Field(
+        default=0.1, gt=0.0, lt=1.0, description="Share of rows held out for validation (seeded, stratified)."
+    )
+    validation_path: str | None = Field(
+        default=None, description="A separate validation file; when set, validation_fraction is ignored."
+    )
+    epochs: int = Field(default=3, ge=1, description="Passes over the training rows.")
+    batch_size: int = Field(default=16, ge=1, description="Rows per step on each process.")
+    learning_rate: float = Field(default=1e-4, gt=0.0, description="Peak learning rate (linear warmup, then decay).")
+    warmup_fraction: float = Field(default=0.06, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW weight decay.")
+    max_length: int = Field(default=128, ge=8, le=512, description="Tokens kept per text.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Save a resumable checkpoint every this many steps.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="How many of the newest checkpoints to keep.")
+    seed: int = Field(default=0, description="Seed for the split, shuffling and initialisation.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps in all.")
+    base_model: str | None = Field(
+        default=None, description="Encoder to start from; default: the bundled all-MiniLM-L6-v2."
+    )
+
+    @model_validator(mode="after")
+    def _paths_given(self) -> "TrainConfig":
+        if not self.data_path.strip():
+            raise ValueError("data_path is empty")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty")
+        return self
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    step: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    val_macro_f1: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model_dir: str
+    steps: int
+    epochs_completed: int
+    history: list[EpochMetrics]
+    resumed_from_step: int | None
+    seconds: float
+    labels: list[str] = field(default_factory=list)
+    train_rows: int = 0
+    validation_rows: int = 0
+    num_processes: int = 1
+
+    @property
+    def final(self) -> EpochMetrics | None:
+        return self.history[-1] if self.history else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainResult":
+        data = dict(data)
+        data["history"] = [EpochMetrics(**m) for m in data.get("history", [])]
+        return cls(**data)
+
+
+@dataclass
+class TrainProgress:
+    """What ``on_progress`` receives (main process only)."""
+
+    kind: Literal["start", "step", "epoch", "checkpoint"]
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float | None = None
+    metrics: EpochMetrics | None = None
+    checkpoint: str | None = None
+    resumed_from_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainProgress":
+        data = dict(data)
+        if data.get("metrics"):
+            data["metrics"] = EpochMetrics(**data["metrics"])
+        return cls(**data)
+
+
+class TrainingInterrupted(TransientError):
+    """SIGTERM arrived; a checkpoint was saved, so running the same job again resumes it."""
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+def _read_rows(path: str, columns: tuple[str, str]) -> list[Example]:
+    """Rows of a JSONL or CSV file, with every data problem named by file, row and column."""
+    text_column, label_column = columns
+    try:
+        raw = storage.read_bytes(path)
+    except errors.InvalidInputError:
+        raise TrainingDataError(path, "file not found") from None
+    except OSError as exc:
+        raise TrainingDataError(path, f"cannot read the file: {exc.strerror or exc}") from exc
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TrainingDataError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not content.strip():
+        raise TrainingDataError(path, "the file is empty")
+
+    lower = path.lower()
+    is_csv = lower.endswith((".csv", ".tsv")) or (
+        not lower.endswith((".jsonl", ".ndjson", ".json")) and not content.lstrip().startswith("{")
+    )
+    records: list[tuple[int, dict[str, Any]]] = []
+    if is_csv:
+        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if lower.endswith(".tsv") else ",")
+        header = reader.fieldnames or []
+        for column, role in ((text_column, "text"), (label_column, "label")):
+            if column not in header:
+                raise TrainingDataError(
+                    path, f"unknown {role} column {column!r}; the header has: {', '.join(header) or 'nothing'}"
+                )
+        records = [(number, row) for number, row in enumerate(reader, start=2)]  # line 1 is the header
+    else:
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise TrainingDataError(f"{path} line {number}", f"not valid JSON: {exc}") from exc
+            if not isinstance(obj, dict):
+                raise TrainingDataError(f"{path} line {number}", "expected a JSON object per line")
+            records.append((number, obj))
+        if records:
+            first_line, first = records[0]
+            for column, role in ((text_column, "text"), (label_column, "label")):
+                if column not in first:
+                    raise TrainingDataError(
+                        f"{path} line {first_line}",
+                        f"unknown {role} column {column!r}; the row has: {', '.join(map(str, first)) or 'nothing'}",
+                    )
+    if not records:
+        raise TrainingDataError(path, "no data rows")
+
+    examples: list[Example] = []
+    for number, record in records:
+        where = f"{path} line {number}"
+        text = record.get(text_column)
+        label = record.get(label_column)
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise TrainingDataError(where, f"missing label in column {label_column!r}")
+        if isinstance(label, (dict, list)):
+            raise TrainingDataError(where, f"label in column {label_column!r} is not a scalar: {label!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise TrainingDataError(where, f"missing or non-string text in column {text_column!r}")
+        examples.append(Example(text, str(label).strip()))
+    return examples
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: list[Example]
+    validation: list[Example]
+    labels: list[str]
+
+
+def load_dataset(config: TrainConfig) -> Dataset:
+    """Read and split the data; raise TrainingDataError for anything that cannot train a classifier."""
+    columns = (config.text_column, config.label_column)
+    rows = _read_rows(config.data_path, columns)
+    labels = sorted({row.label for row in rows})
+    if len(labels) < 2:
+        raise TrainingDataError(
+            config.data_path,
+            f"only one class ({labels[0]!r}) in {len(rows)} rows; a classifier needs at least two",
+        )
+    if config.validation_path:
+        validation = _read_rows(config.validation_path, columns)
+        unknown = sorted({row.label for row in validation} - set(labels))
+        if unknown:
+            raise TrainingDataError(
+                config.validation_path, f"labels not in the training file: {', '.join(map(repr, unknown))}"
+            )
+        return Dataset(rows, validation, labels)
+
+    rng = random.Random(config.seed)
+    by_label: dict[str, list[Example]] = {}
+    for row in rows:
+        by_label.setdefault(row.label, []).append(row)
+    train: list[Example] = []
+    validation: list[Example] = []
+    for label in labels:  # stratified: every class keeps at least one training row
+        group = by_label[label][:]
+        rng.shuffle(group)
+        n_val = min(len(group) - 1, round(len(group) * config.validation_fraction))
+        validation.extend(group[:n_val])
+        train.extend(group[n_val:])
+    if not validation:
+        raise TrainingDataError(
+            config.data_path,
+            f"{len(rows)} rows leave no validation rows at validation_fraction={config.validation_fraction}",
+            "add rows, raise validation_fraction or give validation_path",
+        )
+    rng.shuffle(train)
+    rng.shuffle(validation)
+    return Dataset(train, validation, labels)
+
+
+class _EpochShuffle:
+    """A sampler whose order depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    The method is not called ``set_epoch`` on purpose: accelerate calls that itself with its own
+    iteration counter, which restarts at zero in a resumed process.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_root(output_dir: str) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(output_dir: str) -> list[Path]:
+    """Checkpoint directories, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX):
+            try:
+                found.append((int(child.name[len(CHECKPOINT_PREFIX):]), child))
+            except ValueError:
+                continue
+    return [path for _, path in sorted(found)]
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from, or None. Reads every file so truncation shows up here,
+    before any weights are loaded into the live model."""
+    import torch
+    from safetensors import safe_open
+
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return f"no {STATE_FILE} (the save did not finish)"
+    try:
+        state = json.loads(state_file.read_text("utf-8"))
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{STATE_FILE} is unreadable: {exc!r}"
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as handle:
+                    for key in handle.keys():
+                        handle.get_tensor(key)
+            elif file.suffix in (".bin", ".pt", ".pth", ".pkl"):
+                torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means "do not use this one"
+            return f"{file.name} is unreadable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _job_identity(config: TrainConfig, labels: Sequence[str], base_model: str, num_processes: int) -> dict[str, Any]:
+    """What must match for a checkpoint to belong to this job."""
+    return {
+        "labels": list(labels),
+        "base_model": base_model,
+        "batch_size": config.batch_size,
+        "num_processes": num_processes,
+        "max_length": config.max_length,
+    }
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag checked between steps; restores (and later calls) the old handler."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.previous: Any = None
+        self.installed = False
+
+    def __enter__(self) -> "_SigtermFlag":
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.previous = signal.signal(signal.SIGTERM, self._handle)
+                self.installed = True
+            except ValueError:
+                self.installed = False
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def pass_on(self) -> None:
+        """After the checkpoint: let the previous handler (e.g. Prefect's) act on the signal."""
+        if self.installed and callable(self.previous):
+            signal.signal(signal.SIGTERM, self.previous)
+            self.installed = False
+            self.previous(signal.SIGTERM, None)
+
+
+def train_classifier(
+    config: TrainConfig,
+    on_progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
+    """Train (or resume training) and save the final model under ``<output_dir>/model``.
+
+    Works the same in one process and in each process of ``accelerate launch``.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from taskserver.inference import build_model, default_base_model, save_model
+
+    started = time.perf_counter()
+    output_dir = storage.resolve(config.output_dir)
+    if storage.is_url(output_dir) and not output_dir.startswith("file://"):
+        raise ParameterError(
+            config.output_dir, "training writes checkpoints to a filesystem path", "use a local or mounted directory"
+        )
+    output_dir = output_dir.removeprefix("file://")
+    data = load_dataset(config)
+    base_model = config.base_model or default_base_model()
+    label_to_id = {label: i for i, label in enumerate(data.labels)}
+
+    accelerator = Accelerator()
+    is_main = accelerator.is_main_process
+    report = on_progress if (on_progress is not None and is_main) else None
+    set_seed(config.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    try:
+        model = build_model(base_model, len(data.labels))
+    except OSError as exc:
+        raise ParameterError(base_model, f"cannot load the base model: {exc}") from exc
+
+    def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
+        encoded = tokenizer(
+            [row.text for row in batch], padding=True, truncation=True,
+            max_length=config.max_length, return_tensors="pt",
+        )
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "labels": torch.tensor([label_to_id[row.label] for row in batch]),
+        }
+
+    sampler = _EpochShuffle(len(data.train), config.seed)
+    train_loader = torch.utils.data.DataLoader(
+        data.train, batch_size=config.batch_size, sampler=sampler, collate_fn=collate
+    )
+    val_loader = torch.utils.data.DataLoader(
+        data.validation, batch_size=max(config.batch_size, 32), shuffle=False, collate_fn=collate
+    )
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm")
+    params = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+         "weight_decay": config.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(total_steps * config.warmup_fraction), max(total_steps, 1)
+    )
+    scheduler = accelerator.prepare(scheduler)
+
+    identity = _job_identity(config, data.labels, base_model, accelerator.num_processes)
+    step, history, epoch_loss, resumed_from = _resume(accelerator, output_dir, identity)
+    if report:
+        report(TrainProgress("start", step, total_steps, step // max(steps_per_epoch, 1),
+                             resumed_from_step=resumed_from))
+
+    def save_checkpoint() -> Path:
+        path = checkpoint_root(output_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
+        if is_main and path.exists():
+            shutil.rmtree(path)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(path))
+        if is_main:
+            state = {"step": step, "history": [asdict(m) for m in history], "epoch_loss": list(epoch_loss),
+                     "identity": identity, "saved_at": time.time()}
+            storage.write_text(str(path / STATE_FILE), json.dumps(state, indent=2))  # written last: "complete"
+            for old in list_checkpoints(output_dir)[:-config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if report:
+            report(TrainProgress("checkpoint", step, total_steps, step // steps_per_epoch, checkpoint=str(path)))
+        return path
+
+    with _SigtermFlag() as sigterm:
+        epoch_started = time.perf_counter()
+        while step < total_steps:
+            epoch, skip = divmod(step, steps_per_epoch)
+            sampler.use_epoch(epoch)
+            model.train()
+            loader = _skip_batches(train_loader, skip)
+            for batch in loader:
+                logits = model(batch["input_ids"], batch["attention_mask"])
+                loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+                epoch_loss[0] += step_loss
+                epoch_loss[1] += 1
+                if report:
+                    report(TrainProgress("step", step, total_steps, epoch, loss=step_loss))
+
+                end_of_epoch = step % steps_per_epoch == 0
+                if end_of_epoch or step == total_steps:
+                    metrics = _evaluate(accelerator, model, val_loader)
+                    history.append(EpochMetrics(
+                        epoch=epoch + 1,
+                        step=step,
+                        train_loss=epoch_loss[0] / max(epoch_loss[1], 1),
+                        seconds=time.perf_counter() - epoch_started,
+                        **metrics,
+                    ))
+                    epoch_loss = [0.0, 0]
+                    epoch_started = time.perf_counter()
+                    model.train()
+                    if report:
+                        report(TrainProgress("epoch", step, total_steps, epoch + 1, metrics=history[-1]))
+                if sigterm.raised:
+                    accelerator.set_trigger()
+                interrupted = accelerator.check_trigger()
+                if step % config.checkpoint_every == 0 or step == total_steps or interrupted:
+                    save_checkpoint()
+                if interrupted:
+                    sigterm.pass_on()
+                    raise TrainingInterrupted(
+                        config.output_dir, f"stopped by SIGTERM at step {step}; a checkpoint was saved",
+                        "run the same job again to resume",
+                    )
+                if step >= total_steps:
+                    break
+
+    model_dir = Path(output_dir) / MODEL_SUBDIR
+    final = history[-1] if history else None
+    if is_main:
+        save_model(
+            accelerator.unwrap_model(model), tokenizer, model_dir,
+            labels=data.labels, base_model=base_model, max_length=config.max_length,
+            extra={
+                "trained_steps": step,
+                "train_rows": len(data.train),
+                "validation_rows": len(data.validation),
+                "metrics": asdict(final) if final else None,
+                "history": [asdict(m) for m in history],
+                "data_path": config.data_path,
+            },
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(
+        model_dir=str(model_dir),
+        steps=step,
+        epochs_completed=step // steps_per_epoch,
+        history=history,
+        resumed_from_step=resumed_from,
+        seconds=time.perf_counter() - started,
+        labels=data.labels,
+        train_rows=len(data.train),
+        validation_rows=len(data.validation),
+        num_processes=accelerator.num_processes,
+    )
+
+
+def _skip_batches(loader: Any, batches: int) -> Any:
+    """The rest of an epoch a resumed run is in the middle of."""
+    from accelerate import skip_first_batches
+
+    return skip_first_batches(loader, batches) if batches else loader
+
+
+def _resume(
+    accelerator: Any, output_dir: str, identity: dict[str, Any]
+) -> tuple[int, list[EpochMetrics], list[float], int | None]:
+    """Load the newest usable checkpoint; warn about and skip corrupt ones."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            state = json.loads((path / STATE_FILE).read_text("utf-8"))
+            if state.get("identity") != identity:
+                raise ParameterError(
+                    output_dir,
+                    f"holds checkpoints of a different training job ({state.get('identity')} vs {identity})",
+                    "choose a new output_dir, or delete the old checkpoints to start over",
+                )
+            try:
+                accelerator.load_state(str(path))
+            except Exception as exc:  # noqa: BLE001
+                problem = f"load_state failed: {type(exc).__name__}: {exc}"
+            else:
+                if accelerator.is_main_process:
+                    log.info("Resuming from %s (step %s)", path, state["step"])
+                history = [EpochMetrics(**m) for m in state.get("history", [])]
+                epoch_loss = list(state.get("epoch_loss") or [0.0, 0])
+                return int(state["step"]), history, epoch_loss, int(state["step"])
+        if accelerator.is_main_process:
+            log.warning("Checkpoint %s is corrupt or incomplete (%s); falling back to the previous one", path, problem)
+            _warn(f"checkpoint {path} is corrupt or incomplete ({problem}); falling back to the previous one")
+    return 0, [], [0.0, 0], None
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _evaluate(accelerator: Any, model: Any, loader: Any) -> dict[str, float]:
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+
+    model.eval()
+    predictions, targets, losses = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+            preds, labels, loss = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"], loss))
+            predictions.append(preds.cpu())
+            targets.append(labels.cpu())
+            losses.append(loss.float().cpu())
+    y_pred = torch.cat(predictions).numpy()
+    y_true = torch.cat(targets).numpy()
+    return {
+        "val_loss": float(torch.cat(losses).mean()),
+        "val_accuracy": float(accuracy_score(y_true, y_pred)),
+        "val_macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+# ----------------------------------------------------------------------- several processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_command(num_processes: int, config_path: str, result_path: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The ``accelerate launch`` command and environment for ``num_processes`` workers on this machine.
+
+    With GPUs, one process per GPU (NCCL); without, CPU processes over gloo.
+    """
+    import torch
+
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+               "--num_processes", str(num_processes), "--main_process_port", str(port),
+               "--dynamo_backend", "no"]
+    if torch.cuda.is_available():
+        command += ["--multi_gpu"] if num_processes > 1 else []
+    else:
+        env["ACCELERATE_USE_CPU"] = "true"
+        env.setdefault("OMP_NUM_THREADS", "1")
+        command += ["--multi_gpu", "--mixed_precision", "no"]
+    command += ["-m", "taskserver.training_cli", "--config", config_path, "--result", result_path]
+    return command, env
+
+
+def train_distributed(
+    config: TrainConfig,
+    num_processes: int,
+    on_progress: Callable[[TrainProgress], None] | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Run :func:`train_classifier` under ``accelerate launch`` and stream its output.
+
+    Errors raised in the workers come back as the same taskserver exception classes, so a bad
+    training set is still a TrainingDataError (never retried) in the caller.
+    """
+    if num_processes < 1:
+        raise ParameterError("num_processes", f"must be at least 1, got {num_processes}")
+    load_dataset(config)  # bad data fails fast here, before any process starts
+    output_dir = Path(storage.resolve(config.output_dir).removeprefix("file://"))
+    launch_dir = output_dir / "launch"
+    launch_dir.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    config_path = launch_dir / f"config-{run_id}.json"
+    result_path = launch_dir / f"result-{run_id}.json"
+    config_path.write_text(config.model_dump_json(indent=2), "utf-8")
+    command, env = launch_command(num_processes, str(config_path), str(result_path), free_port())
+    tail: deque[str] = deque(maxlen=30)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(PROGRESS_PREFIX):
+                if on_progress is not None:
+                    on_progress(TrainProgress.from_dict(json.loads(line[len(PROGRESS_PREFIX):])))
+                continue
+            tail.append(line)
+            if on_log is not None:
+                on_log(line)
+        code = process.wait()
+    except BaseException:
+        _stop(process)
+        raise
+    finally:
+        config_path.unlink(missing_ok=True)
+    try:
+        outcome = json.loads(result_path.read_text("utf-8")) if result_path.exists() else None
+    finally:
+        result_path.unlink(missing_ok=True)
+    if outcome and "result" in outcome and code == 0:
+        return TrainResult.from_dict(outcome["result"])
+    if outcome and "error" in outcome:
+        raise rebuild_error(outcome["error"])
+    last = " | ".join(line for line in tail if line.strip())[-2000:]
+    raise TaskserverError(
+        config.output_dir, f"accelerate launch with {num_processes} processes exited with code {code}: {last}",
+        "running it again resumes from the last checkpoint",
+    )
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def describe_error(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, TaskserverError):
+        return {"type": type(exc).__name__, "input": exc.input, "reason": exc.reason, "hint": exc.hint}
+    return {"type": type(exc).__name__, "input": "training", "reason": f"{type(exc).__name__}: {exc}", "hint": None}
+
+
+def rebuild_error(data: dict[str, Any]) -> TaskserverError:
+    """The worker's exception, as the same class when it is one of ours."""
+    classes = {name: obj for name, obj in vars(errors).items()
+               if isinstance(obj, type) and issubclass(obj, TaskserverError)}
+    classes["TrainingInterrupted"] = TrainingInterrupted
+    cls = classes.get(str(data.get("type")), TaskserverError)
+    return cls(str(data.get("input")), str(data.get("reason")), data.get("hint"))
+
+
+def run_job(config: TrainConfig, num_processes: int = 1,
+            on_progress: Callable[[TrainProgress], None] | None = None,
+            on_log: Callable[[str], None] | None = None) -> TrainResult:
+    """One entry for callers: in-process for one process, ``accelerate launch`` for more."""
+    if num_processes <= 1:
+        return train_classifier(config, on_progress=on_progress)
+    return train_distributed(config, num_processes, on_progress=on_progress, on_log=on_log)

@@ -1,0 +1,120 @@
+"""The ``train`` and ``infer`` flows on a real Prefect server: a model end to end, and a bad set not retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+TOPICS = {
+    "sports": ["the team won the match", "a late goal in the final minute", "the striker scored twice",
+               "the coach praised the players", "fans cheered at the stadium", "the referee blew the whistle"],
+    "weather": ["heavy rain is expected tomorrow", "a sunny and warm afternoon", "strong winds and snow tonight",
+                "the forecast says cloudy skies", "temperatures will drop below zero", "a storm is coming"],
+    "cooking": ["bake the bread for forty minutes", "add salt and pepper to the soup", "chop the onions finely",
+                "stir the sauce until it thickens", "the recipe needs two eggs", "fry the garlic in olive oil"],
+}
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), "utf-8")
+    return path
+
+
+def topic_rows(per_class: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [{"text": ", and ".join(rng.sample(phrases, 2)), "label": label}
+            for label, phrases in TOPICS.items() for _ in range(per_class)]
+
+
+def _read(kind: str, flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    async def read():
+        async with get_client() as client:
+            if kind == "artifacts":
+                return await client.read_artifacts(
+                    artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+                )
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def few_threads():
+    import torch
+
+    torch.set_num_threads(2)
+
+
+def test_train_then_infer_on_a_real_server(tmp_path):
+    from taskserver.flows.infer import infer
+    from taskserver.flows.train import train
+
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(40, seed=0))
+    state = train(
+        data_path=str(data), output_dir=str(tmp_path / "run"), epochs=2, batch_size=16, max_length=32,
+        checkpoint_every=5, validation_fraction=0.25, return_state=True,
+    )
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["steps"] == 12 and summary["val_accuracy"] >= 0.8
+    assert summary["labels"] == ["cooking", "sports", "weather"]
+    model_dir = summary["model_dir"]
+    assert Path(model_dir, "taskserver-model.json").is_file()
+    artifacts = {a.key: a for a in _read("artifacts", state.state_details.flow_run_id) if a.key}
+    assert {"train-curve", "train-summary"} <= set(artifacts)
+    curve = json.loads(artifacts["train-curve"].data) if isinstance(artifacts["train-curve"].data, str) \
+        else artifacts["train-curve"].data
+    assert [row["epoch"] for row in curve] == [1, 2]
+    assert all("val_macro_f1" in row and "train_loss" in row for row in curve)
+
+    inline = infer(model_dir=model_dir, texts=["heavy rain and strong winds", "the striker scored twice"],
+                   return_state=True)
+    assert inline.is_completed(), inline.message
+    result = inline.result()
+    assert [p["label"] for p in result["predictions"]] == ["weather", "sports"]
+    assert result["label_counts"] == {"weather": 1, "sports": 1}
+
+    source = write_rows(tmp_path / "new.jsonl", [{"id": f"r{i}", "text": row["text"]}
+                                                 for i, row in enumerate(topic_rows(5, seed=9))])
+    from_file = infer(model_dir=model_dir, input_path=str(source), output_path=str(tmp_path / "pred.jsonl"),
+                      batch_size=4, return_state=True)
+    assert from_file.is_completed(), from_file.message
+    written = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in written] == [f"r{i}" for i in range(15)]
+    assert sum(from_file.result()["label_counts"].values()) == 15
+    keys = {a.key for a in _read("artifacts", from_file.state_details.flow_run_id)}
+    assert "infer-label-counts" in keys
+
+
+def test_single_class_training_set_fails_naming_the_file_and_is_not_retried(tmp_path):
+    from taskserver.flows.train import train
+
+    data = write_rows(tmp_path / "one-class.jsonl", [{"text": f"text {i}", "label": "only"} for i in range(20)])
+    state = train(data_path=str(data), output_dir=str(tmp_path / "run"), return_state=True)
+    assert state.is_failed()
+    assert "one-class.jsonl" in state.message and "only one class ('only')" in state.message
+    task_runs = [t for t in _read("task_runs", state.state_details.flow_run_id) if t.name.startswith("fit-classifier")]
+    assert len(task_runs) == 1
+    assert task_runs[0].run_count == 1 and task_runs[0].state.is_failed()
+
+
+def test_missing_model_directory_fails_the_infer_flow_by_name(tmp_path):
+    from taskserver.flows.infer import infer
+
+    state = infer(model_dir=str(tmp_path / "no-model"), texts=["hello"], return_state=True)
+    assert state.is_failed()
+    assert "no-model: model directory not found" in state.message
