@@ -228,7 +228,49 @@ def _run_demo(timeout: float = 1800) -> None:
         typer.echo("\n".join("  " + line for line in final.lines()))
         if final.state_type != "COMPLETED":
             raise TaskserverError(f"demo step {task}", f"ended {final.state}: {final.message}")
+        for line in demo_results(task, step.get("parameters", {})):
+            typer.echo("  " + line)
     typer.echo("demo finished: see the runs, artifacts and results in the Prefect UI")
+
+
+DEMO_QUERY = "how does training survive preemption?"
+
+
+def demo_results(task: str, parameters: dict[str, Any]) -> list[str]:
+    """What a demo step produced, read back from its output files (results live in storage, not memory)."""
+    if task == "ingest-documents":
+        from taskserver.search import Collection, search
+
+        collection = Collection(parameters["output_dir"])
+        lines = [f"result:     {len(collection.chunks())} chunks indexed in {collection.location}"]
+        hit = search(collection.location, DEMO_QUERY, k=1)[0]
+        lines.append(f"search:     {DEMO_QUERY!r} -> {Path(hit.source).name} p.{hit.pages} (score {hit.score:.2f})")
+        lines.append(f"            {hit.text[:110].replace(chr(10), ' ')}...")
+        return lines
+    if task == "train":
+        from taskserver import inference
+
+        info = inference.inspect_model_dir(Path(parameters["output_dir"]) / "model")
+        lines = [f"result:     model in {info.model_dir}, labels {', '.join(info.labels)}"]
+        for epoch in info.metadata.get("history") or []:
+            lines.append(
+                f"            epoch {epoch['epoch']}: loss {epoch['train_loss']:.3f}, "
+                f"val accuracy {epoch['val_accuracy']:.3f}, macro-F1 {epoch['val_macro_f1']:.3f}"
+            )
+        return lines
+    if task == "infer":
+        texts = {}
+        source = parameters.get("input_path")
+        if source and Path(source).exists():
+            rows = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
+            texts = {str(row.get("id")): row.get("text", "") for row in rows}
+        lines = [f"result:     predictions in {parameters['output_path']}"]
+        for line in Path(parameters["output_path"]).read_text().splitlines():
+            row = json.loads(line)
+            confidence = row["probabilities"][row["label"]]
+            lines.append(f"            {row['label']:<10} {confidence:.2f}  {texts.get(str(row['id']), row['id'])}")
+        return lines
+    return []
 
 
 @app.command()
