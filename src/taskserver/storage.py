@@ -168,3 +168,15 @@ def output_dir(location: str) -> Iterator[Path]:
             fs.put(tmpdir + "/", path, recursive=True)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+RESULTS_DIRNAME = "prefect-results"
+"""Prefect's result storage lives in the data location, so any worker or pod can read any run's result."""
+
+
+def prefect_results_env(data_location: str) -> dict[str, str]:
+    """Environment that puts Prefect's persisted results under the shared data location."""
+    return {
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "PREFECT_LOCAL_STORAGE_PATH": os.path.join(data_location, RESULTS_DIRNAME),
+    }

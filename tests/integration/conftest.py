@@ -50,9 +50,11 @@ def start_worker(prefect_server, tmp_path):
     """Factory: start a worker subprocess for a pool; all are stopped after the test."""
     started: list[WorkerProcess] = []
 
-    def start(pool: str = "cpu", slots: int = 2, worker_type: str = "taskserver", api_url: str | None = None):
+    def start(pool: str = "cpu", slots: int = 2, worker_type: str = "taskserver", api_url: str | None = None,
+              env: dict[str, str] | None = None, cwd: Path | None = None):
         worker = WorkerProcess(pool, slots, api_url or prefect_server.api_url,
-                               tmp_path / f"worker-{len(started)}.log", worker_type).start()
+                               tmp_path / f"worker-{len(started)}.log", worker_type,
+                               env=env or {}, cwd=cwd).start()
         started.append(worker)
         return worker
 

@@ -96,16 +96,19 @@ class WorkerProcess:
     worker_type: str = "taskserver"
     poll_seconds: str = "1"
     process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment, e.g. a worker's own home and data location."""
+    cwd: Path | None = None
 
     def start(self) -> "WorkerProcess":
-        env = base_env(PREFECT_API_URL=self.api_url, PREFECT_WORKER_QUERY_SECONDS=self.poll_seconds)
+        env = base_env(PREFECT_API_URL=self.api_url, PREFECT_WORKER_QUERY_SECONDS=self.poll_seconds, **self.env)
         name = f"test-{self.pool}-{os.getpid()}-{time.monotonic_ns()}"
         if self.worker_type == "taskserver":
             argv = [sys.executable, "-m", "taskserver.platform.worker", self.pool, str(self.slots), name]
         else:  # Prefect's stock process worker
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", self.pool, "--type", "process",
                     "--limit", str(self.slots), "--name", name]
-        self.process = subprocess.Popen(argv, env=env, stdout=open(self.log, "ab"),
+        self.process = subprocess.Popen(argv, env=env, stdout=open(self.log, "ab"), cwd=self.cwd,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

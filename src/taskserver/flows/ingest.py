@@ -13,6 +13,9 @@ import time
 from typing import Annotated
 
 from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
+from prefect.runtime import deployment as current_deployment
+from prefect.states import State
 from pydantic import BaseModel, Field
 
 from taskserver import documents, storage
@@ -21,6 +24,7 @@ from taskserver.flows.cluster import cluster
 from taskserver.flows.encode import encode
 from taskserver.flows.pdfs import PdfBatchSummary, process_pdfs
 from taskserver.flows.runtime import markdown_table, publish_summary
+from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
 from taskserver.search import Collection
 
 DEFAULT_OUTPUT_DIR = "outputs/ingest"
@@ -42,18 +46,38 @@ def default_cluster_count(chunks: int) -> int:
     return max(1, min(chunks, round(math.sqrt(chunks / 2))))
 
 
-def _pdf_step(inputs: list[str] | str, chunks_dir: str, max_characters: int, workers: int) -> PdfBatchSummary:
-    state = process_pdfs(
-        inputs=inputs, output_dir=chunks_dir, max_characters=max_characters, workers=workers, return_state=True
-    )
+def _step_priority() -> str:
+    """Steps run at the pipeline's own priority: its deployment is named after the level."""
+    name = current_deployment.name
+    return name if name in priority_names() else DEFAULT_PRIORITY
+
+
+def _run_step(step, parameters: dict, as_run: bool) -> State:
+    """Run one step here (a subflow), or as its own deployment run (its own process or pod)."""
+    if not as_run:
+        return step(**parameters, return_state=True)
+    child = run_deployment(f"{step.name}/{_step_priority()}", parameters=parameters, as_subflow=True)
+    return child.state
+
+
+def _completed(state: State, step: str):
+    """A step's result; a failed step raises its own error, naming the input."""
     if state.is_completed():
         return state.result()
     error = state.result(raise_on_failure=False)
-    if isinstance(error, BatchFailedError) and isinstance(error.partial, PdfBatchSummary):
-        return error.partial  # the good files, with the failures listed
     if isinstance(error, BaseException):
         raise error
-    raise DocumentError(str(inputs), f"the process-pdfs step ended {state.type.value}: {state.message}")
+    raise DocumentError(step, f"the {step} step ended {state.type.value}: {state.message}")
+
+
+def _pdf_step(inputs: list[str] | str, chunks_dir: str, max_characters: int, workers: int, as_run: bool) -> PdfBatchSummary:
+    parameters = {"inputs": inputs, "output_dir": chunks_dir, "max_characters": max_characters, "workers": workers}
+    state = _run_step(process_pdfs, parameters, as_run)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, BatchFailedError) and isinstance(error.partial, PdfBatchSummary):
+            return error.partial  # the good files, with the failures listed
+    return _completed(state, "process-pdfs")
 
 
 def _write_chunk_catalogue(summary: PdfBatchSummary, location: str) -> int:
@@ -82,6 +106,7 @@ def ingest_documents(
     clusters: Annotated[int | None, Field(ge=1)] = None,
     seed: Annotated[int, Field(ge=0)] = 0,
     workers: Annotated[int, Field(ge=0, le=64)] = 0,
+    steps_as_runs: bool = False,
 ) -> IngestSummary:
     """Build a searchable, clustered collection from PDFs; bad files are reported, good ones kept.
 
@@ -93,13 +118,16 @@ def ingest_documents(
         clusters: Number of k-means clusters; default sqrt(chunks / 2).
         seed: Seed for k-means: the same seed gives the same clusters.
         workers: PDF worker processes; 0 means one per CPU core.
+        steps_as_runs: Run each step as its own deployment run at this run's priority (on
+            Kubernetes: its own pod, with its pool's resources) instead of in this run's process.
+            Steps hand over only through files in the data location.
     """
     logger = get_run_logger()
     collection = Collection(storage.makedirs(output_dir))
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    pdfs = _pdf_step(inputs, storage.join(collection.location, "pdfs"), max_characters, workers)
+    pdfs = _pdf_step(inputs, storage.join(collection.location, "pdfs"), max_characters, workers, steps_as_runs)
     count = _write_chunk_catalogue(pdfs, collection.chunks_location)
     seconds["pdfs"] = round(time.perf_counter() - started, 3)
     if count == 0:
@@ -107,13 +135,24 @@ def ingest_documents(
     logger.info("%d chunks from %d documents", count, len(pdfs.files))
 
     started = time.perf_counter()
-    encode(input_path=collection.chunks_location, output=collection.embeddings_location, normalize=True)
+    encoded = _run_step(
+        encode,
+        {"input_path": collection.chunks_location, "output": collection.embeddings_location, "normalize": True},
+        steps_as_runs,
+    )
+    _completed(encoded, "encode")
     seconds["encode"] = round(time.perf_counter() - started, 3)
 
     started = time.perf_counter()
     k = min(clusters or default_cluster_count(count), count)
-    clustered = cluster(
-        embeddings=collection.embeddings_location, k=k, seed=seed, output_dir=collection.clusters_location
+    clustered = _completed(
+        _run_step(
+            cluster,
+            {"embeddings": collection.embeddings_location, "k": k, "seed": seed,
+             "output_dir": collection.clusters_location},
+            steps_as_runs,
+        ),
+        "cluster",
     )
     seconds["cluster"] = round(time.perf_counter() - started, 3)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from taskserver import __version__
+from taskserver import __version__, storage
 from taskserver.errors import ParameterError
 from taskserver.platform.gpus import (
     DEFAULT_GPU,
@@ -156,10 +156,9 @@ class SharedData(BaseModel):
     def env(self) -> list[dict[str, Any]]:
         """Environment that tells flows (TASKSERVER_DATA_DIR) and Prefect where data lives."""
         if self.kind == "volume":
-            return [
-                {"name": "TASKSERVER_DATA_DIR", "value": self.mount_path},
-                {"name": "PREFECT_LOCAL_STORAGE_PATH", "value": f"{self.mount_path}/prefect-results"},
-                {"name": "PREFECT_RESULTS_PERSIST_BY_DEFAULT", "value": "true"},
+            return [{"name": "TASKSERVER_DATA_DIR", "value": self.mount_path}] + [
+                {"name": name, "value": value}
+                for name, value in storage.prefect_results_env(self.mount_path).items()
             ]
         if self.kind == "object_store":
             env: list[dict[str, Any]] = [{"name": "TASKSERVER_DATA_DIR", "value": self.url}]

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from taskserver import storage
 from taskserver.errors import TaskserverError
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.tasks import DIAGNOSTIC_TASKS, POOLS
@@ -241,6 +242,8 @@ def up(
     worker_env = dict(env)
     worker_env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
     worker_env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)})
+    # Results in the data location, as on Kubernetes: a pipeline step's result is readable anywhere.
+    worker_env.update(storage.prefect_results_env(get_settings().data_location))
     for pool in POOLS:
         name = f"local-{pool.name}"
         _spawn(paths, f"worker-{pool.name}",
