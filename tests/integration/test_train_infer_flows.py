@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import asyncio
 import json
 import random
@@ -107,7 +109,14 @@ def test_single_class_training_set_fails_naming_the_file_and_is_not_retried(tmp_
     state = train(data_path=str(data), output_dir=str(tmp_path / "run"), return_state=True)
     assert state.is_failed()
     assert "one-class.jsonl" in state.message and "only one class ('only')" in state.message
-    task_runs = [t for t in _read("task_runs", state.state_details.flow_run_id) if t.name.startswith("fit-classifier")]
+    # Prefect 3 records task runs from events, asynchronously: wait (bounded) until the failure shows.
+    deadline = time.monotonic() + 30
+    while True:
+        task_runs = [t for t in _read("task_runs", state.state_details.flow_run_id)
+                     if t.name.startswith("fit-classifier") and t.state and t.state.is_final()]
+        if task_runs or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(task_runs) == 1
     assert task_runs[0].run_count == 1 and task_runs[0].state.is_failed()
 
