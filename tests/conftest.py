@@ -22,6 +22,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A private data location: relative paths and caches resolve under ``tmp_path``."""
+    from taskserver.settings import reload_settings
+
+    monkeypatch.setenv("TASKSERVER_DATA_DIR", str(tmp_path))
+    reload_settings()
+    yield tmp_path
+    monkeypatch.delenv("TASKSERVER_DATA_DIR")
+    reload_settings()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A real, temporary Prefect server (SQLite) for the whole session."""

@@ -8,7 +8,6 @@ for Kubernetes, and the chart must agree with the code's priority model and GPU 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

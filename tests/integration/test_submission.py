@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from taskserver.errors import ParameterError
 from taskserver.platform.submission import status, submit, wait_for_async
 
-from platform_support import BIN, base_env, count_runs, probe_params, read_done, run
+from platform_support import BIN, base_env, count_runs, read_done, run
 
 pytestmark = pytest.mark.usefixtures("clean_queues")
 

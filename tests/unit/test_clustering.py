@@ -9,7 +9,6 @@ import pytest
 from taskserver import clustering
 from taskserver.clustering import NeighbourIndex, kmeans
 from taskserver.errors import ClusteringInputError, ParameterError
-from taskserver.settings import reload_settings
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -18,15 +17,6 @@ def few_threads():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TASKSERVER_DATA_DIR", str(tmp_path))
-    reload_settings()
-    yield tmp_path
-    monkeypatch.delenv("TASKSERVER_DATA_DIR")
-    reload_settings()
 
 
 def blobs(per_cluster: int = 200, clusters: int = 5, dims: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

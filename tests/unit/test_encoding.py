@@ -14,7 +14,6 @@ import pytest
 from taskserver import encoding
 from taskserver.encoding import EmbeddingCache, Embeddings, encode_texts
 from taskserver.errors import EncodingInputError, InvalidInputError
-from taskserver.settings import reload_settings
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -32,15 +31,6 @@ def few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def data_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("TASKSERVER_DATA_DIR", str(tmp_path))
-    reload_settings()
-    yield tmp_path
-    monkeypatch.delenv("TASKSERVER_DATA_DIR")
-    reload_settings()
 
 
 class CountingModel:

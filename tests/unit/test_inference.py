@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -12,21 +11,11 @@ import pytest
 from taskserver.errors import ModelDirectoryError
 from taskserver.inference import HEAD_FILE, LABEL_MAP_FILE, MARKER_FILE, Classifier, default_base_model, infer_file
 from taskserver.training import TrainConfig, train_classifier
-
-TOPICS = {
-    "sports": ["the team won the match", "a late goal in the final minute", "the striker scored twice",
-               "the coach praised the players", "fans cheered at the stadium", "the referee blew the whistle"],
-    "weather": ["heavy rain is expected tomorrow", "a sunny and warm afternoon", "strong winds and snow tonight",
-                "the forecast says cloudy skies", "temperatures will drop below zero", "a storm is coming"],
-    "cooking": ["bake the bread for forty minutes", "add salt and pepper to the soup", "chop the onions finely",
-                "stir the sauce until it thickens", "the recipe needs two eggs", "fry the garlic in olive oil"],
-}
+from text_factory import topic_rows
 
 
-def sentences(per_class: int, seed: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    return [{"text": ", and ".join(rng.sample(phrases, 2)), "label": label}
-            for label, phrases in TOPICS.items() for _ in range(per_class)]
+
+sentences = topic_rows
 
 
 @pytest.fixture(scope="module")

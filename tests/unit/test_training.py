@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from text_factory import topic_rows, write_rows
+
 from taskserver.errors import TrainingDataError
 from taskserver.inference import LABEL_MAP_FILE, MARKER_FILE, Classifier
 from taskserver.training import (
@@ -26,24 +28,13 @@ from taskserver.training import (
     train_distributed,
 )
 
-TOPICS = {
-    "sports": ["the team won the match", "a late goal in the final minute", "the striker scored twice",
-               "the coach praised the players", "fans cheered at the stadium", "the referee blew the whistle"],
-    "weather": ["heavy rain is expected tomorrow", "a sunny and warm afternoon", "strong winds and snow tonight",
-                "the forecast says cloudy skies", "temperatures will drop below zero", "a storm is coming"],
-    "cooking": ["bake the bread for forty minutes", "add salt and pepper to the soup", "chop the onions finely",
-                "stir the sauce until it thickens", "the recipe needs two eggs", "fry the garlic in olive oil"],
-}
 
 
 def write_topics(path: Path, per_class: int = 40, seed: int = 0) -> Path:
-    """Three classes of short two-phrase sentences: a clear signal a few steps can learn."""
-    rng = random.Random(seed)
-    rows = [{"text": ", and ".join(rng.sample(phrases, 2)), "label": label}
-            for label, phrases in TOPICS.items() for _ in range(per_class)]
-    rng.shuffle(rows)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), "utf-8")
-    return path
+    """Three classes of short two-phrase sentences, shuffled: a clear signal a few steps can learn."""
+    rows = topic_rows(per_class, seed)
+    random.Random(seed).shuffle(rows)
+    return write_rows(path, rows)
 
 
 def config_for(data: Path, out: Path, **overrides) -> TrainConfig:
