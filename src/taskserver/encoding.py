@@ -397,22 +397,12 @@ def read_texts(location: str) -> tuple[list[str], list[Any]]:
     Blank lines are skipped. Default ids are the record's position (0-based). A record whose
     text is missing or not a string keeps its slot, so ``check_texts`` can name it.
     """
-    raw = storage.read_bytes(location)
-    try:
-        content = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise EncodingInputError(location, f"not UTF-8 text (byte {exc.start})", "save the file as UTF-8") from None
+    content = storage.read_text(location, EncodingInputError)
     suffix = Path(storage.basename(location)).suffix.lower()
     ids: list[Any] = []
     texts: list[Any] = []
     if suffix == ".jsonl":
-        for number, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EncodingInputError(f"{location} line {number}", f"not valid JSON ({exc.msg})") from None
+        for number, record in storage.json_lines(content, location, EncodingInputError):
             if not isinstance(record, dict):
                 raise EncodingInputError(
                     f"{location} line {number}", f"expected a JSON object, got {type(record).__name__}"

@@ -232,19 +232,9 @@ class Classifier:
 
 def read_input_texts(input_path: str, text_field: str = "text") -> list[tuple[str, str]]:
     """(id, text) pairs from a JSONL file (objects with ``text`` and optional ``id``) or plain lines."""
-    raw = storage.read_bytes(input_path)
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(input_path, f"not UTF-8 text: {exc}") from exc
+    content = storage.read_text(input_path)
     rows: list[tuple[str, str]] = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise InvalidInputError(f"{input_path} line {number}", f"not valid JSON: {exc}") from exc
+    for number, obj in storage.json_lines(content, input_path):
         if isinstance(obj, str):
             rows.append((str(number), obj))
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import posixpath
 import shutil
@@ -16,13 +17,13 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from taskserver.errors import InvalidInputError, StorageFullError
+from taskserver.errors import InvalidInputError, StorageFullError, TaskserverError
 from taskserver.settings import get_settings
 
 
@@ -180,3 +181,25 @@ def prefect_results_env(data_location: str) -> dict[str, str]:
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOCAL_STORAGE_PATH": os.path.join(data_location, RESULTS_DIRNAME),
     }
+
+
+def read_text(location: str, error: type[TaskserverError] = InvalidInputError) -> str:
+    """A text file's content as UTF-8 (a leading BOM dropped); other bytes raise ``error`` naming the file."""
+    raw = read_bytes(location)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(location, f"not UTF-8 text ({exc.reason} at byte {exc.start})", "save the file as UTF-8") from None
+
+
+def json_lines(
+    content: str, location: str, error: type[TaskserverError] = InvalidInputError
+) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of JSONL; invalid JSON raises ``error`` naming the line."""
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{location} line {number}", f"not valid JSON ({exc.msg} at column {exc.colno})") from None

@@ -183,13 +183,7 @@ def _read_rows(path: str, columns: tuple[str, str]) -> list[Example]:
                 )
         records = [(number, row) for number, row in enumerate(reader, start=2)]  # line 1 is the header
     else:
-        for number, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise TrainingDataError(f"{path} line {number}", f"not valid JSON: {exc}") from exc
+        for number, obj in storage.json_lines(content, path, TrainingDataError):
             if not isinstance(obj, dict):
                 raise TrainingDataError(f"{path} line {number}", "expected a JSON object per line")
             records.append((number, obj))
