@@ -41,7 +41,8 @@ test: tools venv test-only
 test-only:
 	bash .ci/pytest.sh
 
-bench: venv
+bench: system-deps venv
+	$(BIN)/pip install --quiet -e ".[all,bench]"
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 import anyio
+from prefect.exceptions import ObjectNotFound
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, WorkQueueFilter
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
@@ -100,6 +101,8 @@ class PriorityProcessWorker(ProcessWorker):
                     self._requeues[flow_run.id] = count + 1
                     logger.warning("Process exited before the flow started; run requeued")
                     return True
+                except ObjectNotFound:  # the run was deleted meanwhile: nothing to requeue
+                    return False
                 except Exception:  # the API may still be coming back
                     await anyio.sleep(2)
         return False
