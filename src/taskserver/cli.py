@@ -93,17 +93,28 @@ def bootstrap(
     pool_limit: List[str] = typer.Option([], help="Pool concurrency limit, e.g. cpu=4 (repeatable)."),
     queue_limit: List[str] = typer.Option([], help="Queue concurrency limit, e.g. gpu/low=1 (repeatable)."),
     with_probe: bool = typer.Option(False, "--with-probe", help="Also deploy the diagnostic probe flow."),
+    notify_webhook: Optional[str] = typer.Option(
+        None, "--notify-webhook", metavar="URL",
+        help="Call this webhook on Failed or Crashed runs (default: TASKSERVER_NOTIFY_WEBHOOK_URL).",
+    ),
+    notify_completed: List[str] = typer.Option(
+        [], "--notify-completed", metavar="FLOW/PRIORITY",
+        help="Also call it when runs of this deployment complete, e.g. encode/high (repeatable;"
+             " default: TASKSERVER_NOTIFY_COMPLETED).",
+    ),
 ) -> None:
     """Create or update pools, priority queues, deployments and automations. Safe to repeat."""
     _use_local_stack_if_unset()
-    from taskserver.platform.bootstrap import Limits
+    from taskserver.platform.bootstrap import Limits, Notifications
     from taskserver.platform.bootstrap import bootstrap as run_bootstrap
     from taskserver.platform.tasks import DIAGNOSTIC_TASKS
 
     env_limits = Limits.from_env()
     flags = Limits.parse(pool_limit, queue_limit)
     limits = Limits(pool={**env_limits.pool, **flags.pool}, queue={**env_limits.queue, **flags.queue})
-    report = run_bootstrap(pool_type=pool_type, limits=limits, extra_tasks=DIAGNOSTIC_TASKS if with_probe else ())
+    notifications = Notifications.from_settings(notify_webhook, notify_completed)
+    report = run_bootstrap(pool_type=pool_type, limits=limits, extra_tasks=DIAGNOSTIC_TASKS if with_probe else (),
+                           notifications=notifications)
     typer.echo(report.summary())
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -28,6 +29,29 @@ class Settings(BaseSettings):
     pdf_workers: int = Field(
         default=0, ge=0, description="Processes used to partition PDFs; 0 means one per CPU core."
     )
+    notify_webhook_url: SecretStr = Field(
+        default=SecretStr(""),
+        description=(
+            "Webhook that `taskserver bootstrap` wires to Failed and Crashed flow runs (a Prefect"
+            " Webhook block plus automations). Empty: no notifications, and bootstrap removes them."
+            " A secret: it is never printed in full."
+        ),
+    )
+    notify_completed: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Deployments, as <flow>/<priority> (comma-separated in the environment), whose Completed"
+            " runs also call the webhook."
+        ),
+    )
+
+    @field_validator("notify_completed", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        # The environment gives "encode/high,train/low"; Python callers may pass a list.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
 
     @property
     def data_location(self) -> str:

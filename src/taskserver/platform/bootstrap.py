@@ -1,5 +1,6 @@
-"""Bring any Prefect API to the platform's declared state: pools, priority queues, deployments
-and the zombie-run automation. Idempotent: a second run changes nothing and says so.
+"""Bring any Prefect API to the platform's declared state: pools, priority queues, deployments,
+the zombie-run automation and, optionally, webhook notifications. Idempotent: a second run
+changes nothing and says so.
 
 Every name and number comes from ``priorities.py``, ``tasks.py`` and ``deployments.py``.
 Each pool's built-in ``default`` queue cannot be deleted, so it is kept and given the priority
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import (
@@ -25,8 +27,9 @@ from prefect.client.schemas.actions import (
 from prefect.client.schemas.filters import WorkQueueFilter
 from prefect.client.schemas.objects import StateType, WorkQueue
 from prefect.client.schemas.schedules import CronSchedule
-from prefect.events.actions import ChangeFlowRunState
-from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.blocks.webhook import Webhook
+from prefect.events.actions import CallWebhook, ChangeFlowRunState
+from prefect.events.schemas.automations import Automation, AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.callables import parameter_schema_from_entrypoint
@@ -47,6 +50,23 @@ DEFAULT_QUEUE_PRIORITY = len(PRIORITIES) + 1
 ZOMBIE_AUTOMATION = "taskserver: crash zombie flows"
 POOL_LIMITS_ENV = "TASKSERVER_POOL_LIMITS"
 QUEUE_LIMITS_ENV = "TASKSERVER_QUEUE_LIMITS"
+NOTIFY_BLOCK = "taskserver-notify"
+NOTIFY_FAILURE_AUTOMATION = "taskserver: notify on failure"
+NOTIFY_COMPLETION_AUTOMATION = "taskserver: notify on completion"
+NOTIFY_FAILURE_EVENTS = ("prefect.flow-run.Failed", "prefect.flow-run.Crashed")
+NOTIFY_COMPLETION_EVENT = "prefect.flow-run.Completed"
+# Rendered by the server's Jinja sandbox for each event; `tojson` keeps quotes in messages valid.
+# Ad-hoc runs have no deployment, hence the guard.
+NOTIFY_PAYLOAD = """{
+  "source": "taskserver",
+  "event": {{ event.event | tojson }},
+  "state": {{ event.resource.get("prefect.state-name") | tojson }},
+  "message": {{ event.resource.get("prefect.state-message", "") | tojson }},
+  "flow_run": {"id": {{ flow_run.id | string | tojson }}, "name": {{ flow_run.name | tojson }}},
+  "flow": {{ flow.name | default(none) | tojson }},
+  "deployment": {% if deployment %}{{ (flow.name ~ "/" ~ deployment.name) | tojson }}{% else %}null{% endif %},
+  "occurred": {{ event.occurred | string | tojson }}
+}"""
 
 
 @dataclass
@@ -91,6 +111,52 @@ def _parse_items(items: list[str], allowed: set[str], what: str) -> dict[str, in
     return out
 
 
+def redact_url(url: str) -> str:
+    """Scheme and host only: webhook URLs carry their credentials in the path or query."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}/…" if parts.scheme and parts.hostname else "<webhook URL>"
+
+
+@dataclass
+class Notifications:
+    """Where failures (and chosen deployments' completions) are announced. Empty URL = none.
+
+    ``completed`` holds deployment names ``<flow>/<priority>``. ``webhook_url`` is a secret and
+    stays out of ``repr``.
+    """
+
+    webhook_url: str = field(default="", repr=False)
+    completed: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.webhook_url = self.webhook_url.strip()
+        self.completed = sorted({name.strip() for name in self.completed if name.strip()})
+        if self.webhook_url:
+            parts = urlsplit(self.webhook_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ParameterError(
+                    f"notify webhook URL {redact_url(self.webhook_url)}",
+                    "expected an http:// or https:// URL with a host",
+                    "set TASKSERVER_NOTIFY_WEBHOOK_URL or --notify-webhook",
+                )
+        elif self.completed:
+            raise ParameterError(
+                f"notify completed {self.completed}", "completion notifications need a webhook URL",
+                "set TASKSERVER_NOTIFY_WEBHOOK_URL or --notify-webhook",
+            )
+
+    @classmethod
+    def from_settings(cls, webhook_url: str | None = None, completed: list[str] | None = None) -> "Notifications":
+        """The settings object's values; non-empty arguments (CLI flags) override them."""
+        from taskserver.settings import get_settings
+
+        settings = get_settings()
+        return cls(
+            webhook_url=webhook_url or settings.notify_webhook_url.get_secret_value(),
+            completed=list(completed) if completed else list(settings.notify_completed),
+        )
+
+
 @dataclass
 class BootstrapReport:
     changes: list[str] = field(default_factory=list)
@@ -104,6 +170,49 @@ class BootstrapReport:
         lines = [f"changed: {c}" for c in self.changes] or ["no changes: already up to date"]
         lines += [f"skipped: {s}" for s in self.skipped]
         return "\n".join(lines)
+
+
+def notification_automations(block_document_id: Any, completed_deployment_ids: list[str]) -> list[AutomationCore]:
+    """The failure automation, plus the completion one when deployments were chosen."""
+    webhook = CallWebhook(block_document_id=block_document_id, payload=NOTIFY_PAYLOAD)
+    wanted = [
+        AutomationCore(
+            name=NOTIFY_FAILURE_AUTOMATION,
+            description="Calls the taskserver webhook when any flow run fails or crashes.",
+            enabled=True,
+            trigger=EventTrigger(
+                expect=set(NOTIFY_FAILURE_EVENTS),
+                match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+                for_each={"prefect.resource.id"},
+                posture=Posture.Reactive,
+                threshold=1,
+                within=timedelta(0),
+            ),
+            actions=[webhook],
+        )
+    ]
+    if completed_deployment_ids:
+        wanted.append(
+            AutomationCore(
+                name=NOTIFY_COMPLETION_AUTOMATION,
+                description="Calls the taskserver webhook when a run of a chosen deployment completes.",
+                enabled=True,
+                trigger=EventTrigger(
+                    expect={NOTIFY_COMPLETION_EVENT},
+                    match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+                    match_related=ResourceSpecification({
+                        "prefect.resource.role": "deployment",
+                        "prefect.resource.id": sorted(f"prefect.deployment.{i}" for i in completed_deployment_ids),
+                    }),
+                    for_each={"prefect.resource.id"},
+                    posture=Posture.Reactive,
+                    threshold=1,
+                    within=timedelta(0),
+                ),
+                actions=[webhook],
+            )
+        )
+    return wanted
 
 
 def base_job_template_for(pool: Pool, pool_type: str) -> dict[str, Any]:
@@ -171,12 +280,33 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _unordered(value: Any) -> Any:
+    """Sort lists of strings: triggers hold sets, whose dumped order differs between processes."""
+    if isinstance(value, dict):
+        return {k: _unordered(v) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_unordered(v) for v in value]
+        return sorted(items) if all(isinstance(v, str) for v in items) else items
+    return value
+
+
+def _automation_view(automation: AutomationCore | Automation) -> str:
+    return _canonical(_unordered({
+        "description": automation.description,
+        "enabled": automation.enabled,
+        "trigger": automation.trigger.model_dump(mode="json", exclude={"id"}),
+        "actions": [x.model_dump(mode="json") for x in automation.actions],
+    }))
+
+
 class _Bootstrapper:
-    def __init__(self, client: PrefectClient, pool_type: str, limits: Limits, directory: Path):
+    def __init__(self, client: PrefectClient, pool_type: str, limits: Limits, directory: Path,
+                 notifications: Notifications | None = None):
         self.client = client
         self.pool_type = pool_type
         self.limits = limits
         self.directory = directory
+        self.notify = notifications or Notifications()
         self.report = BootstrapReport()
 
     async def pools(self) -> None:
@@ -322,16 +452,11 @@ class _Bootstrapper:
         self.report.changes.append(f"deployment {spec.full_name}: {'updated' if current else 'created'}")
 
     async def automations(self) -> None:
-        wanted = zombie_automation()
+        await self._automation(zombie_automation())
+
+    async def _automation(self, wanted: AutomationCore) -> None:
+        """Create, update or de-duplicate one automation, found by name."""
         existing = await self.client.read_automations_by_name(wanted.name)
-        view = lambda a: _canonical(  # noqa: E731
-            {
-                "description": a.description,
-                "enabled": a.enabled,
-                "trigger": a.trigger.model_dump(mode="json", exclude={"id"}),
-                "actions": [x.model_dump(mode="json") for x in a.actions],
-            }
-        )
         if not existing:
             await self.client.create_automation(wanted)
             self.report.changes.append(f"automation {wanted.name!r}: created")
@@ -340,9 +465,84 @@ class _Bootstrapper:
         for extra in duplicates:
             await self.client.delete_automation(extra.id)
             self.report.changes.append(f"automation {wanted.name!r}: removed a duplicate")
-        if view(first) != view(wanted):
+        if _automation_view(first) != _automation_view(wanted):
             await self.client.update_automation(first.id, wanted)
             self.report.changes.append(f"automation {wanted.name!r}: updated")
+
+    async def _remove_automation(self, name: str) -> None:
+        for found in await self.client.read_automations_by_name(name):
+            await self.client.delete_automation(found.id)
+            self.report.changes.append(f"automation {name!r}: removed (not configured)")
+
+    def check_notified_names(self, tasks: list[TaskType]) -> None:
+        """Fail before changing anything when a chosen deployment is not one the platform declares."""
+        known = {spec.full_name for spec in deployment_specs(tasks)}
+        unknown = [name for name in self.notify.completed if name not in known]
+        if unknown:
+            raise ParameterError(
+                f"notify completed deployments {unknown}",
+                "no such deployment; names are <flow>/<priority>",
+                f"known: {', '.join(sorted(known))}",
+            )
+
+    async def notifications(self) -> None:
+        """The webhook block and notification automations, or their removal.
+
+        The configuration is the declared state: with no webhook URL configured, bootstrap deletes
+        the block and both notification automations it made, so that turning notifications off
+        is one setting, and no stale secret URL stays on the server. Likewise the completion
+        automation goes when no deployments are chosen.
+        """
+        config = self.notify
+        if not config.webhook_url:
+            for name in (NOTIFY_FAILURE_AUTOMATION, NOTIFY_COMPLETION_AUTOMATION):
+                await self._remove_automation(name)
+            try:
+                document = await self.client.read_block_document_by_name(NOTIFY_BLOCK, block_type_slug="webhook")
+            except ObjectNotFound:
+                return
+            await self.client.delete_block_document(document.id)
+            self.report.changes.append(f"webhook block {NOTIFY_BLOCK!r}: removed (not configured)")
+            return
+        block_id = await self._webhook_block(config.webhook_url)
+        deployment_ids: list[str] = []
+        missing: list[str] = []
+        for name in config.completed:
+            try:
+                deployment_ids.append(str((await self.client.read_deployment_by_name(name)).id))
+            except ObjectNotFound:
+                missing.append(name)
+        if missing:
+            raise ParameterError(
+                f"notify completed deployments {missing}", "not deployed on this server",
+                "their flow files may be missing: see the skipped lines of the bootstrap report",
+            )
+        wanted = notification_automations(block_id, deployment_ids)
+        for automation in wanted:
+            await self._automation(automation)
+        if not deployment_ids:
+            await self._remove_automation(NOTIFY_COMPLETION_AUTOMATION)
+
+    async def _webhook_block(self, url: str) -> Any:
+        """Create or update the Webhook block; leave it alone when its URL and method already match."""
+        shown = redact_url(url)
+        try:
+            document = await self.client.read_block_document_by_name(
+                NOTIFY_BLOCK, block_type_slug="webhook", include_secrets=True
+            )
+        except ObjectNotFound:
+            document = None
+        if document is not None:
+            stored_url = document.data.get("url")
+            if hasattr(stored_url, "get_secret_value"):
+                stored_url = stored_url.get_secret_value()
+            if stored_url == url and document.data.get("method", "POST") == "POST":
+                return document.id
+        block_id = await Webhook(url=url, method="POST").asave(NOTIFY_BLOCK, overwrite=True, client=self.client)
+        self.report.changes.append(
+            f"webhook block {NOTIFY_BLOCK!r}: {'updated' if document else 'created'} ({shown})"
+        )
+        return block_id
 
 
 async def bootstrap_async(
@@ -351,19 +551,26 @@ async def bootstrap_async(
     extra_tasks: list[TaskType] | tuple[TaskType, ...] = (),
     directory: Path | None = None,
     client: PrefectClient | None = None,
+    notifications: Notifications | None = None,
 ) -> BootstrapReport:
-    """Create or update pools, queues, deployments and automations on the current Prefect API."""
+    """Create or update pools, queues, deployments and automations on the current Prefect API.
+
+    ``notifications`` defaults to the settings (``TASKSERVER_NOTIFY_*``).
+    """
     limits = limits if limits is not None else Limits.from_env()
+    notifications = notifications if notifications is not None else Notifications.from_settings()
     directory = (directory or code_dir()).resolve()
     tasks = list(TASKS) + list(extra_tasks)
     if client is None:
         async with get_client() as owned:
-            return await bootstrap_async(pool_type, limits, extra_tasks, directory, owned)
-    work = _Bootstrapper(client, pool_type, limits, directory)
+            return await bootstrap_async(pool_type, limits, extra_tasks, directory, owned, notifications)
+    work = _Bootstrapper(client, pool_type, limits, directory, notifications)
+    work.check_notified_names(tasks)
     await work.pools()
     await work.queues()
     await work.deployments(tasks)
     await work.automations()
+    await work.notifications()
     return work.report
 
 
@@ -372,8 +579,11 @@ def bootstrap(
     limits: Limits | None = None,
     extra_tasks: list[TaskType] | tuple[TaskType, ...] = (),
     directory: Path | None = None,
+    notifications: Notifications | None = None,
 ) -> BootstrapReport:
-    return asyncio.run(bootstrap_async(pool_type, limits, extra_tasks, directory))
+    return asyncio.run(
+        bootstrap_async(pool_type, limits, extra_tasks, directory, notifications=notifications)
+    )
 
 
 async def platform_state(client: PrefectClient) -> dict[str, Any]:
