@@ -22,6 +22,40 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest  # noqa: E402
 
 
+_last_api_url: list[str | None] = [None]
+
+
+def _api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def _drain_prefect_workers() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=30)
+    APILogWorker.drain_all(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _prefect_clients_follow_the_server():
+    """Prefect keeps one events worker per process, keyed without the API URL: after a test
+    switches servers it would keep sending events (task runs, heartbeats) to the previous one.
+    Drain it whenever the server changes, so each test's events reach its own server."""
+    if "prefect" not in sys.modules:
+        yield
+        return
+    current = _api_url()
+    if current != _last_api_url[0]:
+        _drain_prefect_workers()
+        _last_api_url[0] = current
+    yield
+    if _api_url() != current:
+        _drain_prefect_workers()
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     """A private data location: relative paths and caches resolve under ``tmp_path``."""
