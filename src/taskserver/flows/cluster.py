@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from taskserver import clustering, encoding, storage
@@ -105,18 +106,19 @@ def cluster(
     load_seconds = time.perf_counter() - started
 
     kmeans_started = time.perf_counter()
-    result = train_kmeans(data, k, niter, seed, sample_all, init, nredo, embeddings)
+    # quote(): Prefect would otherwise walk every id and vector row of large inputs, per task.
+    result = train_kmeans(quote(data), k, niter, seed, sample_all, init, nredo, embeddings)
     kmeans_seconds = time.perf_counter() - kmeans_started
 
     index_started = time.perf_counter()
-    index = build_index(data, index_kind, embeddings) if index_kind != "none" else None
+    index = build_index(quote(data), index_kind, embeddings) if index_kind != "none" else None
     index_seconds = time.perf_counter() - index_started
 
     save_started = time.perf_counter()
     output_dir = output_dir or default_output_dir(
         embeddings, k, niter, seed, index_kind, sample_all, init, nredo
     )
-    location = save_outputs(result, data.ids, index, output_dir)
+    location = save_outputs(quote(result), quote(data.ids), quote(index), output_dir)
     save_seconds = time.perf_counter() - save_started
     total_seconds = time.perf_counter() - started
 

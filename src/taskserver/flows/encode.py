@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from taskserver import encoding
@@ -130,8 +131,10 @@ def encode(
     parts: list[Embeddings] = []
     for start in range(0, len(good), CHUNK_SIZE):
         rows = good[start : start + CHUNK_SIZE]
+        # quote(): Prefect would otherwise walk every text of the chunk, per task call.
         part = encode_chunk(
-            [items[row] for row in rows], [item_ids[row] for row in rows], normalize, batch_size, use_cache, source
+            quote([items[row] for row in rows]), quote([item_ids[row] for row in rows]),
+            normalize, batch_size, use_cache, source,
         )
         parts.append(part)
         if progress is not None:
@@ -147,7 +150,7 @@ def encode(
     encode_seconds = time.perf_counter() - encode_started
 
     save_started = time.perf_counter()
-    location = save_output(embeddings, output)
+    location = save_output(quote(embeddings), output)
     save_seconds = time.perf_counter() - save_started
     total_seconds = time.perf_counter() - started
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from taskserver import inference, storage
@@ -78,8 +79,9 @@ def infer(
         ids = [str(i) for i in range(len(items))]
         if not items:
             raise ParameterError("texts", "no texts to classify")
-    predictions = classify_texts(model_dir, items, batch_size)
-    location = write_predictions(predictions, ids, output_path) if output_path else None
+    # quote(): Prefect would otherwise walk every text and prediction, per task call.
+    predictions = classify_texts(model_dir, quote(items), batch_size)
+    location = write_predictions(quote(predictions), quote(ids), output_path) if output_path else None
     counts = inference.label_counts(predictions)
     seconds = time.perf_counter() - started
     summary: dict[str, Any] = {
