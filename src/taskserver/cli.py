@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from taskserver.errors import TaskserverError
+from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
 
 app = typer.Typer(
     name="taskserver", no_args_is_help=True, add_completion=False,
@@ -122,7 +123,9 @@ def bootstrap(
 @_friendly
 def submit(
     task: str = typer.Argument(..., help="Task type (flow name), e.g. encode."),
-    priority: str = typer.Option("normal", "--priority", "-p", help="critical, high, normal or low."),
+    priority: str = typer.Option(
+        DEFAULT_PRIORITY, "--priority", "-p", help=f"One of: {', '.join(priority_names())}."
+    ),
     param: List[str] = typer.Option([], "--param", help="KEY=VALUE; VALUE is JSON if it parses, else a string."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish and show its status."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
@@ -231,7 +234,7 @@ def _run_demo(timeout: float = 1800) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         raise TaskserverError("PREFECT_API_URL", "no server to run the demo on", "run `taskserver up` first")
     for step in demo_plan():
-        task, priority = step["task"], step.get("priority", "normal")
+        task, priority = step["task"], step.get("priority", DEFAULT_PRIORITY)
         run_id = asyncio.run(submit_async(task, priority, step.get("parameters", {})))
         typer.echo(f"{task}/{priority}: submitted {run_id}, waiting...")
         asyncio.run(wait_for_async(run_id, timeout=timeout))

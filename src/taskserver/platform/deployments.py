@@ -25,7 +25,7 @@ ZOMBIE_WINDOW_SECONDS = 90
 
 # The only schedule shipped: a nightly retrain, off until someone turns it on.
 NIGHTLY_RETRAIN_TASK = "train"
-NIGHTLY_RETRAIN_PRIORITY = "low"
+NIGHTLY_RETRAIN_PRIORITY = PRIORITIES[-1].name  # the lowest level: batch work
 NIGHTLY_RETRAIN_CRON = "0 2 * * *"
 
 CODE_DIR_ENV = "TASKSERVER_CODE_DIR"
