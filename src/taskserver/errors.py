@@ -74,6 +74,11 @@ class ModelDirectoryError(InvalidInputError):
 class ParameterError(InvalidInputError):
     """A flow or submission parameter that fails validation."""
 
+    @classmethod
+    def not_in(cls, subject: str, reason: str, choices) -> "ParameterError":
+        """A name missing from a catalogue (priorities, tasks, GPU types), listing the valid ones."""
+        return cls(subject, reason, f"choose one of: {', '.join(choices)}")
+
 
 class StorageFullError(TaskserverError):
     """The output location has no space left. Not retried: free space, then run again."""

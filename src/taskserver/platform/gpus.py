@@ -91,9 +91,7 @@ def get_gpu(name: str) -> GPUType:
     except KeyError:
         from taskserver.errors import ParameterError
 
-        raise ParameterError(
-            f"gpu type {name!r}", "not in the GPU catalogue", f"choose one of: {', '.join(_BY_NAME)}"
-        ) from None
+        raise ParameterError.not_in(f"gpu type {name!r}", "not in the GPU catalogue", _BY_NAME) from None
 
 
 def all_gpu_tolerations() -> list[dict[str, str]]:

@@ -68,6 +68,4 @@ def get_priority(name: str) -> PriorityLevel:
     except KeyError:
         from taskserver.errors import ParameterError
 
-        raise ParameterError(
-            f"priority {name!r}", "unknown priority", f"choose one of: {', '.join(_BY_NAME)}"
-        ) from None
+        raise ParameterError.not_in(f"priority {name!r}", "unknown priority", _BY_NAME) from None

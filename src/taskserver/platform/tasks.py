@@ -59,9 +59,7 @@ def get_task(name: str) -> TaskType:
     except KeyError:
         from taskserver.errors import ParameterError
 
-        raise ParameterError(
-            f"task {name!r}", "unknown task", f"choose one of: {', '.join(_BY_NAME)}"
-        ) from None
+        raise ParameterError.not_in(f"task {name!r}", "unknown task", _BY_NAME) from None
 
 
 PROBE_TASK = TaskType(
