@@ -37,9 +37,19 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _use_stack_auth() -> None:
+    """With TASKSERVER_AUTH_STRING set, the Prefect client sends it (unless PREFECT_API_AUTH_STRING is set)."""
+    from taskserver.settings import get_settings
+
+    auth = get_settings().auth_string.get_secret_value()
+    if auth and not os.environ.get("PREFECT_API_AUTH_STRING"):
+        os.environ["PREFECT_API_AUTH_STRING"] = auth
+
+
 def _use_local_stack_if_unset() -> None:
     """Without PREFECT_API_URL, talk to the local stack if one is running."""
     # Runs before anything imports prefect, which reads its settings once, at import.
+    _use_stack_auth()
     if os.environ.get("PREFECT_API_URL"):
         return
     from taskserver.settings import get_settings
@@ -60,14 +70,19 @@ def up(
     database_url: Optional[str] = typer.Option(
         None, help="SQLAlchemy URL, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect. Default: SQLite under the home."
     ),
-    slots: int = typer.Option(2, min=1, help="Concurrent flow runs per worker."),
+    slots: int = typer.Option(2, min=1, help="Concurrent flow runs per job-lane worker."),
+    warm_interpreters: int = typer.Option(
+        2, min=1, help="Warm interpreters of the warm lane (its concurrent runs; ~0.9 GB each)."
+    ),
     demo: bool = typer.Option(False, "--demo", help="Then run the demo on the sample data."),
     with_probe: bool = typer.Option(False, "--with-probe", help="Also deploy the diagnostic probe flow."),
 ) -> None:
     """Start a Prefect server, bootstrap it and start one worker per pool, all on this machine."""
+    _use_stack_auth()  # before prefect is imported: the bootstrap and --demo clients authenticate
     from taskserver.platform.localstack import up as stack_up
 
-    info = stack_up(port=port, database_url=database_url, slots=slots, with_probe=with_probe, echo=typer.echo)
+    info = stack_up(port=port, database_url=database_url, slots=slots, with_probe=with_probe,
+                    warm_slots=warm_interpreters, echo=typer.echo)
     if demo:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -129,12 +144,16 @@ def submit(
     param: List[str] = typer.Option([], "--param", help="KEY=VALUE; VALUE is JSON if it parses, else a string."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish and show its status."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+    lane: str = typer.Option(
+        "auto", help="warm, job, or auto: encode, infer and process-pdfs go warm unless their"
+        " inputs pass 8 MB."
+    ),
 ) -> None:
     """Queue a run of TASK at a priority; prints the flow run id."""
     _use_local_stack_if_unset()
     from taskserver.platform.submission import parse_params, status, submit as do_submit
 
-    run_id = do_submit(task, priority, parse_params(param), wait=wait, timeout=timeout)
+    run_id = do_submit(task, priority, parse_params(param), wait=wait, timeout=timeout, lane=lane)
     typer.echo(str(run_id))
     if wait:
         final = status(run_id)
@@ -294,7 +313,8 @@ def worker(
     slots: int = typer.Option(2, min=1, help="Concurrent flow runs."),
     name: Optional[str] = typer.Option(None, help="Worker name."),
 ) -> None:
-    """Run a priority-ordered process worker in the foreground (what `up` starts per pool)."""
+    """Run a pool's worker in the foreground (what `up` starts per pool): the warm lane's
+    worker for the warm pool, a priority-ordered process worker for the others."""
     from taskserver.platform.worker import main
 
     main([pool, str(slots)] + ([name] if name else []))

@@ -98,6 +98,7 @@ class BadText:
 
 _encoders: dict[tuple[str, str], SentenceTransformer] = {}
 _pooling_views: dict[int, SentenceTransformer] = {}
+_loads = 0
 _encoder_lock = threading.Lock()
 
 
@@ -121,7 +122,14 @@ def get_encoder(model_path: str | os.PathLike[str] | None = None, device: str = 
             model = SentenceTransformer(path, device=device, local_files_only=True)
             model.eval()
             _encoders[key] = model
+            global _loads
+            _loads += 1
         return model
+
+
+def encoder_loads() -> int:
+    """How many times this process loaded a model from disk (a warm process: once)."""
+    return _loads
 
 
 def _pooling_view(model: SentenceTransformer) -> SentenceTransformer:

@@ -37,6 +37,14 @@ class Settings(BaseSettings):
             " A secret: it is never printed in full."
         ),
     )
+    auth_string: SecretStr = Field(
+        default=SecretStr(""),
+        description=(
+            "Basic-auth credentials, as user:password, that `taskserver up` requires on the local"
+            " stack's API and hands to its workers and to the CLI. Empty: no authentication (the API"
+            " listens on 127.0.0.1 only). A secret: it is never printed or written to the home."
+        ),
+    )
     notify_completed: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(
@@ -45,7 +53,29 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("notify_completed", mode="before")
+    warm_interpreters: int = Field(
+        default=0, ge=0,
+        description="Interpreters a warm-lane worker keeps (its run slots); 0 means the worker's"
+        " --limit, else 2.",
+    )
+    warm_max_runs: int = Field(
+        default=200, ge=1, description="A warm interpreter is replaced after this many runs."
+    )
+    warm_max_rss_mb: float = Field(
+        default=2048, gt=0,
+        description="A warm interpreter is replaced once its resident memory passes this (MB).",
+    )
+    warm_preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["encoder", "pdf", "flows"],
+        description="What warm interpreters load before their first run: encoder, pdf, flows"
+        " (comma-separated in the environment).",
+    )
+    warm_threads: int = Field(
+        default=0, ge=0,
+        description="Torch/BLAS threads per warm interpreter; 0 shares the CPU cores between them.",
+    )
+
+    @field_validator("notify_completed", "warm_preload", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         # The environment gives "encode/high,train/low"; Python callers may pass a list.

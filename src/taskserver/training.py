@@ -570,7 +570,9 @@ def _resume(
     accelerator: Any, output_dir: str, identity: dict[str, Any]
 ) -> tuple[int, list[EpochMetrics], list[float], int | None]:
     """Load the newest usable checkpoint; warn about and skip corrupt ones."""
-    for path in reversed(list_checkpoints(output_dir)):
+    checkpoints = list_checkpoints(output_dir)
+    for index in reversed(range(len(checkpoints))):
+        path = checkpoints[index]
         problem = _checkpoint_problem(path)
         if problem is None:
             state = json.loads((path / STATE_FILE).read_text("utf-8"))
@@ -591,8 +593,9 @@ def _resume(
                 epoch_loss = list(state.get("epoch_loss") or [0.0, 0])
                 return int(state["step"]), history, epoch_loss, int(state["step"])
         if accelerator.is_main_process:
-            log.warning("Checkpoint %s is corrupt or incomplete (%s); falling back to the previous one", path, problem)
-            _warn(f"checkpoint {path} is corrupt or incomplete ({problem}); falling back to the previous one")
+            then = "falling back to the previous one" if index else "no older checkpoint, so training starts from step 0"
+            log.warning("Checkpoint %s is corrupt or incomplete (%s); %s", path, problem, then)
+            _warn(f"checkpoint {path} is corrupt or incomplete ({problem}); {then}")
     return 0, [], [0.0, 0], None
 
 

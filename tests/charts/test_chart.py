@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import yaml
 from taskserver.platform.gpus import GPU_RESOURCE, get_gpu
 from taskserver.platform.kubernetes import PoolJobOptions, base_job_template, platform_document
 from taskserver.platform.priorities import PRIORITIES
-from taskserver.platform.tasks import POOLS
+from taskserver.platform.tasks import POOLS, WARM_POOL
+from taskserver.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "taskserver"
@@ -276,6 +278,9 @@ def test_helm_test_hook_checks_health_and_pools() -> None:
     (pod,) = of_kind(render("minimal-values.yaml"), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert json.loads(env["EXPECTED_POOLS"]) == ["cpu", WARM_POOL.name]
+    (pod,) = of_kind(render("minimal-values.yaml", "warm.enabled=false"), "Pod")
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert json.loads(env["EXPECTED_POOLS"]) == ["cpu"]
 
 
@@ -294,6 +299,11 @@ def test_helm_test_hook_checks_health_and_pools() -> None:
         (["data.mode=objectStore"], "data.mode=objectStore needs data.objectStore.url"),
         (["karpenter.enabled=true"], "karpenter.enabled needs karpenter.gpuTypes"),
         (["karpenter.enabled=true", "karpenter.gpuTypes={tpu}"], '"tpu", which is not in the GPU catalogue'),
+        (["warm.image=gpu", "warm.gpuType=v100"], 'warm.image=gpu needs warm.gpuType from the GPU catalogue'),
+        (["warm.priority=urgent"], 'warm.priority "urgent" is not a priority'),
+        (["warm.autoscaling.minReplicas=5", "warm.autoscaling.maxReplicas=2"], "minReplicas (5) is above maxReplicas (2)"),
+        (["warm.interpreters=4", "warm.resources.limits.memory=4Gi"], "the pod would be OOM-killed before an interpreter is recycled"),
+        (["warm.resources.limits.memory=lots"], 'warm.resources.limits.memory "lots" is not a memory quantity'),
     ],
 )
 def test_nonsense_values_fail_with_a_readable_sentence(sets: list[str], sentence: str) -> None:
@@ -320,3 +330,247 @@ def test_empty_default_priority_means_the_models_default() -> None:
     (configmap,) = [c for c in of_kind(render("default-values.yaml"), "ConfigMap") if "job-options" in c["metadata"]["name"]]
     document = json.loads(configmap["data"]["job-options.json"])
     assert {options["priority"] for options in document.values()} == {DEFAULT_PRIORITY}
+
+
+# --- the warm lane -------------------------------------------------------------------------------
+
+MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "": 1}
+WORKER_HEADROOM_MIB = 512
+"""The warm worker process itself, beside its interpreters (as _validation.tpl assumes)."""
+
+
+def mebibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(quantity)).groups()
+    return float(number) * MEMORY_UNITS[unit] / 2**20
+
+
+def warm_deployment(objects) -> dict[str, Any]:
+    (deployment,) = [d for d in of_kind(objects, "Deployment") if d["metadata"]["labels"].get("taskserver.io/pool") == WARM_POOL.name]
+    return deployment
+
+
+def warm_container(objects) -> dict[str, Any]:
+    (container,) = warm_deployment(objects)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def job_options(objects, pool: str) -> PoolJobOptions:
+    (configmap,) = [c for c in of_kind(objects, "ConfigMap") if "job-options" in c["metadata"]["name"]]
+    return PoolJobOptions.model_validate(json.loads(configmap["data"]["job-options.json"])[pool])
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_warm_worker_runs_the_warm_worker_type_on_the_warm_pool() -> None:
+    objects = render("default-values.yaml")
+    container = warm_container(objects)
+    command = container["command"]
+    assert command[:3] == ["prefect", "worker", "start"]
+    assert flag(command, "--type") == WARM_POOL.worker_type
+    assert flag(command, "--pool") == WARM_POOL.name
+    assert flag(command, "--limit") == "2"
+    assert "--with-healthcheck" in command
+    # Each pod is its own worker in the UI: the name is the pod's, from the downward API.
+    assert flag(command, "--name") == "$(POD_NAME)"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["image"] == "taskserver-cpu:0.1.0"
+    assert warm_deployment(objects)["metadata"]["namespace"] == "taskserver"
+    assert flag(warm_container(render("minimal-values.yaml"))["command"], "--limit") == "1"
+
+
+def test_the_warm_worker_type_and_cli_flags_exist_in_the_installed_package() -> None:
+    """What the image runs: the worker type resolves through the package's entry point, and
+    every flag of the command is one `prefect worker start` accepts."""
+    from prefect.plugins import load_prefect_collections
+    from prefect.workers.base import BaseWorker
+
+    load_prefect_collections()
+    assert BaseWorker.get_worker_class_from_type(WARM_POOL.worker_type) is not None
+    prefect = Path(sys.executable).with_name("prefect")
+    help_text = subprocess.run([str(prefect), "worker", "start", "--help"], capture_output=True, text=True, timeout=120).stdout
+    for option in (o for o in warm_container(render("default-values.yaml"))["command"] if o.startswith("--")):
+        assert option in help_text, f"prefect worker start has no {option}"
+
+
+def test_warm_worker_environment_is_read_by_the_settings() -> None:
+    env = {e["name"]: e.get("value") for e in warm_container(render("default-values.yaml", "warm.preload={encoder,pdf}"))["env"]}
+    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "0.25"
+    assert env["PREFECT_API_URL"] == "http://ts-taskserver-server.taskserver.svc:4200/api"
+    warm_env = {name: value for name, value in env.items() if name.startswith("TASKSERVER_WARM_")}
+    assert warm_env == {
+        "TASKSERVER_WARM_THREADS": "1",
+        "TASKSERVER_WARM_MAX_RUNS": "200",
+        "TASKSERVER_WARM_MAX_RSS_MB": "2048",
+        "TASKSERVER_WARM_PRELOAD": "encoder,pdf",
+    }
+    # Every variable is one the code reads, and parses to what the values said.
+    prefix = Settings.model_config["env_prefix"]
+    fields = {f"{prefix}{name}".upper() for name in Settings.model_fields}
+    assert set(warm_env) <= fields
+    settings = Settings(**{name.removeprefix(prefix).lower(): value for name, value in warm_env.items()})
+    assert (settings.warm_threads, settings.warm_max_runs, settings.warm_max_rss_mb, settings.warm_preload) == (1, 200, 2048, ["encoder", "pdf"])
+    # Empty preload leaves the worker's own default.
+    assert "TASKSERVER_WARM_PRELOAD" not in {e["name"] for e in warm_container(render("default-values.yaml"))["env"]}
+
+
+def test_warm_worker_is_probed_on_the_workers_healthcheck() -> None:
+    from prefect.settings import get_current_settings
+
+    container = warm_container(render("default-values.yaml"))
+    (port,) = container["ports"]
+    assert port["containerPort"] == get_current_settings().worker.webserver.port
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": port["name"]}, probe
+    # Loading the interpreters may take minutes; the liveness probe only starts after that.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_warm_memory_limit_covers_every_interpreter_at_its_recycle_threshold(profile: str) -> None:
+    objects = render(profile)
+    container = warm_container(objects)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    interpreters = int(flag(container["command"], "--limit"))
+    needed = interpreters * float(env["TASKSERVER_WARM_MAX_RSS_MB"]) + WORKER_HEADROOM_MIB
+    assert mebibytes(container["resources"]["limits"]["memory"]) >= needed
+    # Roughly 0.7-1 GB per interpreter with the model loaded is asked for up front.
+    assert mebibytes(container["resources"]["requests"]["memory"]) >= interpreters * 700
+    assert "cpu" in container["resources"]["requests"], "the HPA's utilisation is relative to the CPU request"
+
+
+def test_warm_pods_get_the_highest_priority_class_of_the_model() -> None:
+    top = max(PRIORITIES, key=lambda level: level.class_value)
+    spec = warm_deployment(render("default-values.yaml"))["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == top.priority_class_name
+    lowest = min(PRIORITIES, key=lambda level: level.class_value)
+    spec = warm_deployment(render("default-values.yaml", f"warm.priority={lowest.name}"))["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == lowest.priority_class_name
+    classes = {c["metadata"]["name"] for c in of_kind(render("default-values.yaml"), "PriorityClass")}
+    assert spec["priorityClassName"] in classes
+
+
+@pytest.mark.parametrize("profile", ["default-values.yaml", "external-db-values.yaml", "minimal-values.yaml"])
+def test_warm_worker_reaches_the_shared_data_exactly_like_a_job(profile: str) -> None:
+    """Same env (TASKSERVER_DATA_DIR, object-store settings, Prefect results), same volumes and
+    mounts, same namespace as the Job the cpu pool's base job template would create."""
+    objects = render(profile)
+    options = job_options(objects, "cpu")
+    job_pod = base_job_template(next(p for p in POOLS if not p.gpu), options)["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    (job_container,) = job_pod["containers"]
+    deployment = warm_deployment(objects)
+    pod = deployment["spec"]["template"]["spec"]
+    container = warm_container(objects)
+
+    data_names = {e["name"] for e in options.data.env()}
+    assert [e for e in container["env"] if e["name"] in data_names] == options.data.env()
+    job_env = job_container.get("env")
+    job_env = job_env if isinstance(job_env, list) else []  # "{{ env }}" alone: no data env
+    assert [e for e in job_env if e["name"] in data_names] == options.data.env()
+    data_volumes = [v for v in pod["volumes"] if v["name"] != "tmp"]
+    data_mounts = [m for m in container["volumeMounts"] if m["name"] != "tmp"]
+    assert data_volumes == job_pod.get("volumes", [])
+    assert data_mounts == job_container.get("volumeMounts", [])
+    assert deployment["metadata"]["namespace"] == options.namespace
+
+
+def test_object_store_data_and_auth_reach_the_warm_worker_in_the_jobs_namespace() -> None:
+    objects = render("external-db-values.yaml")
+    env = {e["name"]: e for e in warm_container(objects)["env"]}
+    assert env["TASKSERVER_DATA_DIR"]["value"] == "s3://ml-team/taskserver"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "taskserver-s3"
+    auth = env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["name"]
+    # The auth Secret exists in the jobs namespace too, with the same value.
+    secrets = [s for s in of_kind(objects, "Secret") if s["metadata"]["name"] == auth]
+    assert sorted(s["metadata"]["namespace"] for s in secrets) == ["taskserver", "taskserver-jobs"]
+    assert len({json.dumps(s["data"], sort_keys=True) for s in secrets}) == 1
+    # The NetworkPolicy lets the warm worker reach the server from the jobs namespace.
+    (policy,) = [p for p in of_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-server")]
+    labels = warm_deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert any(
+        peer.get("namespaceSelector", {}).get("matchLabels") == {"kubernetes.io/metadata.name": "taskserver-jobs"}
+        and set(peer.get("podSelector", {}).get("matchLabels", {}).items()) <= set(labels.items())
+        for peer in policy["spec"]["ingress"][0]["from"]
+    )
+
+
+def test_hpa_scales_the_warm_worker_on_cpu() -> None:
+    objects = render("default-values.yaml")
+    deployment = warm_deployment(objects)
+    (hpa,) = of_kind(objects, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 4)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"] == {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}
+    # The HPA owns the replica count: an upgrade must not reset it.
+    assert "replicas" not in deployment["spec"]
+    kubernetes_validate.validate(hpa, KUBERNETES_VERSION, strict=True)
+    (pdb,) = [p for p in of_kind(objects, "PodDisruptionBudget") if p["metadata"]["name"] == deployment["metadata"]["name"]]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+    fixed = render("minimal-values.yaml")
+    assert not of_kind(fixed, "HorizontalPodAutoscaler")
+    assert warm_deployment(fixed)["spec"]["replicas"] == 1
+
+
+def test_warm_gpu_variant_requests_a_gpu_and_is_placed_like_gpu_jobs() -> None:
+    objects = render("gpu-kueue-values.yaml")
+    gpu = get_gpu("a100")
+    spec = warm_deployment(objects)["spec"]["template"]["spec"]
+    container = warm_container(objects)
+    assert container["image"] == "taskserver-gpu:0.1.0"
+    assert container["resources"]["limits"][GPU_RESOURCE] == "1"
+    assert spec["nodeSelector"] == gpu.node_labels
+    for toleration in gpu.tolerations():
+        assert toleration in spec["tolerations"]
+    # The same catalogue entry places GPU jobs and the Karpenter NodePool that serves them.
+    (pool,) = [p for p in of_kind(objects, "NodePool") if p["metadata"]["name"].endswith("-a100")]
+    assert pool["spec"]["template"]["metadata"]["labels"] == spec["nodeSelector"]
+    assert (GPU_RESOURCE not in warm_container(render("default-values.yaml"))["resources"]["limits"])
+    assert "tolerations" not in warm_deployment(render("default-values.yaml"))["spec"]["template"]["spec"]
+
+
+def test_warm_disabled_renders_no_warm_objects() -> None:
+    objects = render("default-values.yaml", "warm.enabled=false")
+    assert not [o for o in objects if o["metadata"]["name"].endswith("-warm")]
+    assert not of_kind(objects, "HorizontalPodAutoscaler")
+
+
+def test_recovery_service_runs_by_default_and_can_be_turned_off() -> None:
+    objects = render("default-values.yaml")
+    (recovery,) = [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-recovery")]
+    assert recovery["spec"]["replicas"] == 1
+    assert recovery["spec"]["strategy"] == {"type": "Recreate"}, "two recovery passes must never overlap"
+    spec = recovery["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False, "it needs no Kubernetes API"
+    (container,) = spec["containers"]
+    assert container["command"][:3] == ["python", "-m", "taskserver.platform.recovery"]
+    assert flag(container["command"], "--interval") == "15"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PREFECT_API_URL"]["value"] == "http://ts-taskserver-server.taskserver.svc:4200/api"
+    assert env["PREFECT_API_AUTH_STRING"]["valueFrom"]["secretKeyRef"]["name"] == "ts-taskserver-api-auth"
+    assert mebibytes(container["resources"]["limits"]["memory"]) <= 512
+    assert not [d for d in of_kind(render("default-values.yaml", "recovery.enabled=false"), "Deployment") if d["metadata"]["name"].endswith("-recovery")]
+
+
+def test_recovery_command_is_accepted_by_the_recovery_module(monkeypatch) -> None:
+    """The flags the chart passes are the module's own: its real argument parser reads them
+    (only the service loop, which needs a Prefect API, is swapped for a recorder)."""
+    from taskserver.platform import recovery
+
+    (deployment,) = [d for d in of_kind(render("default-values.yaml"), "Deployment") if d["metadata"]["name"].endswith("-recovery")]
+    argv = deployment["spec"]["template"]["spec"]["containers"][0]["command"][3:]
+    parsed: list[tuple[Any, ...]] = []
+
+    async def record(*args: Any) -> None:
+        parsed.append(args)
+
+    monkeypatch.setattr(recovery, "serve", record)
+    recovery.main(argv)
+    ((interval, max_attempts, lookback, pools, once),) = parsed
+    assert (interval, max_attempts, lookback.total_seconds(), pools, once) == (15.0, 3, 24 * 3600, None, False)

@@ -51,9 +51,12 @@ def start_worker(prefect_server, tmp_path):
     started: list[WorkerProcess] = []
 
     def start(pool: str = "cpu", slots: int = 2, worker_type: str = "taskserver", api_url: str | None = None,
-              env: dict[str, str] | None = None, cwd: Path | None = None):
+              env: dict[str, str] | None = None, cwd: Path | None = None, poll_seconds: str | None = None):
+        if pool == "warm" and worker_type == "taskserver":
+            worker_type = "warm"
+        poll = poll_seconds or ("0.25" if worker_type == "warm" else "1")
         worker = WorkerProcess(pool, slots, api_url or prefect_server.api_url,
-                               tmp_path / f"worker-{len(started)}.log", worker_type,
+                               tmp_path / f"worker-{len(started)}.log", worker_type, poll,
                                env=env or {}, cwd=cwd).start()
         started.append(worker)
         return worker

@@ -105,6 +105,8 @@ class WorkerProcess:
         name = f"test-{self.pool}-{os.getpid()}-{time.monotonic_ns()}"
         if self.worker_type == "taskserver":
             argv = [sys.executable, "-m", "taskserver.platform.worker", self.pool, str(self.slots), name]
+        elif self.worker_type == "warm":  # the warm lane's worker, as `taskserver up` runs it
+            argv = [sys.executable, "-m", "taskserver.platform.worker", self.pool, str(self.slots), name]
         else:  # Prefect's stock process worker
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", self.pool, "--type", "process",
                     "--limit", str(self.slots), "--name", name]

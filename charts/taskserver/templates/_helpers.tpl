@@ -208,3 +208,108 @@ capabilities:
     requests: {cpu: 10m, memory: 64Mi}
     limits: {cpu: 100m, memory: 128Mi}
 {{- end -}}
+
+{{/* The shared data location as a pod sees it, exactly as the job template gives it to jobs
+     (taskserver.platform.kubernetes.SharedData: env() and the "data" volume). tests/charts
+     compares the warm worker's env, volumes and mounts with the jobs' generated ones. */}}
+{{- define "taskserver.dataEnv" -}}
+{{- $platform := include "taskserver.platform" . | fromJson -}}
+{{- $data := .Values.data -}}
+{{- if eq $data.mode "volume" }}
+- name: TASKSERVER_DATA_DIR
+  value: {{ $data.mountPath | quote }}
+- name: PREFECT_RESULTS_PERSIST_BY_DEFAULT
+  value: "true"
+- name: PREFECT_LOCAL_STORAGE_PATH
+  value: {{ printf "%s/%s" (trimSuffix "/" $data.mountPath) $platform.resultsDirname | quote }}
+{{- else if eq $data.mode "objectStore" }}
+- name: TASKSERVER_DATA_DIR
+  value: {{ $data.objectStore.url | quote }}
+{{- with $data.objectStore.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $data.objectStore.existingSecret }}
+{{- $secret := . }}
+{{- range list "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ . }}
+{{- end }}
+{{- end }}
+{{- with $data.objectStore.resultStorageBlock }}
+- name: PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
+  value: {{ . | quote }}
+- name: PREFECT_RESULTS_PERSIST_BY_DEFAULT
+  value: "true"
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "taskserver.dataVolumes" -}}
+{{- if eq .Values.data.mode "volume" }}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ include "taskserver.dataClaimName" . }}
+{{- end }}
+{{- end -}}
+
+{{- define "taskserver.dataVolumeMounts" -}}
+{{- if eq .Values.data.mode "volume" }}
+- name: data
+  mountPath: {{ .Values.data.mountPath }}
+{{- end }}
+{{- end -}}
+
+{{/* The PriorityClass of the highest priority in the model (largest value). */}}
+{{- define "taskserver.topPriorityClass" -}}
+{{- $platform := include "taskserver.platform" . | fromJson -}}
+{{- $top := dict -}}
+{{- range $platform.priorities -}}
+{{- if or (not $top) (gt (int64 .value) (int64 $top.value)) }}{{ $top = . }}{{ end -}}
+{{- end -}}
+{{- $top.className -}}
+{{- end -}}
+
+{{/* The PriorityClass of a named priority; empty name means the model's highest. */}}
+{{- define "taskserver.priorityClassOf" -}}
+{{- $platform := include "taskserver.platform" .root | fromJson -}}
+{{- if .name -}}
+{{- range $platform.priorities }}{{ if eq .name $.name }}{{ .className }}{{ end }}{{ end -}}
+{{- else -}}
+{{- include "taskserver.topPriorityClass" .root -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A GPU catalogue entry by name, as JSON ({} when the name is not in the catalogue). */}}
+{{- define "taskserver.gpu" -}}
+{{- $platform := include "taskserver.platform" .root | fromJson -}}
+{{- $found := dict -}}
+{{- range $platform.gpus }}{{ if eq .name $.name }}{{ $found = . }}{{ end }}{{ end -}}
+{{- toJson $found -}}
+{{- end -}}
+
+{{/* Tolerations of a GPU's node taints (the catalogue's taints, as GPU jobs tolerate them). */}}
+{{- define "taskserver.gpuTolerations" -}}
+{{- range .taints }}
+- key: {{ .key | quote }}
+  operator: Equal
+  value: {{ .value | quote }}
+  effect: {{ .effect }}
+{{- end }}
+{{- end -}}
+
+{{/* A memory quantity (512Mi, 5Gi, 4G, 4096M, bytes) in MiB, as an integer; -1 if unreadable. */}}
+{{- define "taskserver.memoryMiB" -}}
+{{- $quantity := toString . -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $quantity -}}
+{{- $suffix := trimPrefix $number $quantity -}}
+{{- $factors := dict "" (divf 1.0 1048576.0) "Ki" (divf 1.0 1024.0) "Mi" 1.0 "Gi" 1024.0 "Ti" 1048576.0 "k" (divf 1000.0 1048576.0) "M" (divf 1000000.0 1048576.0) "G" (divf 1000000000.0 1048576.0) "T" (divf 1000000000000.0 1048576.0) -}}
+{{- if and $number (hasKey $factors $suffix) -}}
+{{- mulf (float64 $number) (index $factors $suffix) | floor | int64 -}}
+{{- else -}}
+-1
+{{- end -}}
+{{- end -}}

@@ -23,7 +23,7 @@
 
 {{- range $name, $worker := .Values.workers -}}
 {{- if and (ne $name "defaults") (not (has $name $poolNames)) -}}
-{{- fail (printf "taskserver: workers.%s names no work pool; the pools are %s (taskserver.platform.tasks.POOLS)." $name (join ", " $poolNames)) -}}
+{{- fail (printf "taskserver: workers.%s names no work pool; the pools are %s (taskserver.platform.tasks.POOLS); the %s lane is configured under warm, not workers." $name (join ", " $poolNames) $platform.warmPool.name) -}}
 {{- end -}}
 {{- end -}}
 {{- range $pool := $platform.pools -}}
@@ -37,6 +37,27 @@
 {{- end -}}
 {{- if and $job.defaultPriority (not (has $job.defaultPriority $priorityNames)) -}}
 {{- fail (printf "taskserver: workers.%s.job.defaultPriority %q is not a priority; choose one of %s." $pool.name $job.defaultPriority (join ", " $priorityNames)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- $warm := .Values.warm -}}
+{{- if $warm.enabled -}}
+{{- if and (eq $warm.image "gpu") (not (has $warm.gpuType $gpuNames)) -}}
+{{- fail (printf "taskserver: warm.image=gpu needs warm.gpuType from the GPU catalogue (%s); %q is not in it." (join ", " $gpuNames) $warm.gpuType) -}}
+{{- end -}}
+{{- if and $warm.priority (not (has $warm.priority $priorityNames)) -}}
+{{- fail (printf "taskserver: warm.priority %q is not a priority; choose one of %s, or leave it empty for the highest." $warm.priority (join ", " $priorityNames)) -}}
+{{- end -}}
+{{- if and $warm.autoscaling.enabled (gt (int $warm.autoscaling.minReplicas) (int $warm.autoscaling.maxReplicas)) -}}
+{{- fail (printf "taskserver: warm.autoscaling.minReplicas (%v) is above maxReplicas (%v)." $warm.autoscaling.minReplicas $warm.autoscaling.maxReplicas) -}}
+{{- end -}}
+{{- $limitMiB := include "taskserver.memoryMiB" $warm.resources.limits.memory | int64 -}}
+{{- $neededMiB := add (mul (int64 $warm.interpreters) (int64 $warm.maxRssMB)) 512 -}}
+{{- if lt $limitMiB 0 -}}
+{{- fail (printf "taskserver: warm.resources.limits.memory %q is not a memory quantity (e.g. 5Gi or 5120Mi)." (toString $warm.resources.limits.memory)) -}}
+{{- end -}}
+{{- if lt $limitMiB $neededMiB -}}
+{{- fail (printf "taskserver: warm.resources.limits.memory %v is below warm.interpreters x warm.maxRssMB + 512Mi for the worker (%vMi); the pod would be OOM-killed before an interpreter is recycled. Raise the limit, or lower interpreters or maxRssMB." $warm.resources.limits.memory $neededMiB) -}}
 {{- end -}}
 {{- end -}}
 

@@ -104,6 +104,7 @@ def encode(
         use_cache: Serve texts embedded before from the content cache (cache/embeddings.sqlite in the data dir).
     """
     started = time.perf_counter()
+    loads_before = encoding.encoder_loads()
     if (texts is None) == (input_path is None):
         raise ParameterError("texts/input_path", "give exactly one of 'texts' or 'input_path'")
     if input_path is not None and ids is not None:
@@ -162,6 +163,8 @@ def encode(
         "encoded": embeddings.encoded,
         "failed": {item.label: item.reason for item in bad},
         "seconds": round(total_seconds, 3),
+        # 0 when the process already had the model (a warm-lane interpreter, a cached call).
+        "model_loads": encoding.encoder_loads() - loads_before,
     }
     _publish(summary, len(items), bad, read_seconds, encode_seconds, save_seconds, total_seconds)
     if bad:

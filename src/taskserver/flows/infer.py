@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from taskserver import inference, storage
-from taskserver.errors import ParameterError
+from taskserver import encoding, inference, storage
+from taskserver.errors import BatchFailedError, ParameterError
 from taskserver.flows.runtime import file_fingerprint, markdown_table, publish_summary, publish_table, retry_transient_only
 from taskserver.inference import Classifier, Prediction
 
@@ -79,6 +79,13 @@ def infer(
         ids = [str(i) for i in range(len(items))]
         if not items:
             raise ParameterError("texts", "no texts to classify")
+    # Empty or whitespace-only texts carry nothing to classify: named as failures, the rest go on.
+    bad = encoding.check_texts(items, ids, input_path or "texts")
+    if len(bad) == len(items):
+        raise encoding.bad_texts_error(bad, len(items))
+    bad_rows = {item.index for item in bad}
+    ids = [i for row, i in enumerate(ids) if row not in bad_rows]
+    items = [text for row, text in enumerate(items) if row not in bad_rows]
     # quote(): Prefect would otherwise walk every text and prediction, per task call.
     predictions = classify_texts(model_dir, quote(items), batch_size)
     location = write_predictions(quote(predictions), quote(ids), output_path) if output_path else None
@@ -89,6 +96,7 @@ def infer(
         "count": len(predictions),
         "label_counts": counts,
         "output_path": location,
+        "failed": {item.label: item.reason for item in bad},
         "seconds": round(seconds, 3),
     }
     if texts is not None:
@@ -102,4 +110,6 @@ def infer(
     publish_summary("infer-summary", "Inference",
                     markdown_table(["", "value"], rows) + "\n\n" +
                     markdown_table(["label", "count"], counts.items()))
+    if bad:
+        raise BatchFailedError.from_failures(summary["failed"], len(bad) + len(items), partial=summary)
     return summary

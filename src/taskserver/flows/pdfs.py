@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
 from taskserver import documents, storage
-from taskserver.errors import BatchFailedError, DocumentError
+from taskserver.errors import BatchFailedError, DocumentError, StorageFullError
 from taskserver.flows.runtime import (
     Progress,
     cache_key_on_files,
@@ -80,7 +80,11 @@ def process_pdf_file(
         result = documents.process_pdf(location, max_characters=max_characters, overlap=overlap)
     else:
         result = pool.process(location, max_characters=max_characters, overlap=overlap)
-    chunks_location = documents.save_result(result, output_dir, name=output_name)
+    try:
+        chunks_location = documents.save_result(result, output_dir, name=output_name)
+    except StorageFullError:
+        _drop_half_result(output_dir, output_name)
+        raise
     return PdfFileSummary(
         source=location,
         chunks_location=chunks_location,
@@ -89,6 +93,15 @@ def process_pdf_file(
         chunks=len(result.chunks),
         seconds=round(result.seconds, 3),
     )
+
+
+def _drop_half_result(output_dir: str, name: str) -> None:
+    """Elements are saved before chunks: without a chunks file beside them they are half a result."""
+    chunks = storage.join(output_dir, name + documents.CHUNKS_SUFFIX)
+    elements = storage.join(output_dir, name + documents.ELEMENTS_SUFFIX)
+    if not storage.exists(chunks) and storage.exists(elements):
+        fs, path = storage.filesystem(elements)
+        fs.rm(path)
 
 
 def _report(summary: PdfBatchSummary) -> str:

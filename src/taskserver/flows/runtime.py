@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prefect import get_run_logger
@@ -95,3 +97,35 @@ class Progress:
         percent = min(100.0, 100.0 * self.done / self.total)
         update_progress_artifact(artifact_id=self._id, progress=percent)
         self._logger.info("%s: %d/%d (%.0f%%) %s", self.description, self.done, self.total, percent, note)
+
+
+class _ToRunLogger(logging.Handler):
+    def __init__(self, run_logger: Any) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.run_logger.log(record.levelno, "%s", record.getMessage())
+        except Exception:  # noqa: BLE001 - logging must never break the run
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def library_logs_in_run(name: str = "taskserver") -> Iterator[None]:
+    """Show the library's log lines (a checkpoint skipped as corrupt, ...) in the run's logs in the UI.
+
+    Library modules log to plain ``logging`` (they never import Prefect); without this their
+    warnings reach only the worker's stderr, where nobody looking at the run sees them.
+    """
+    library = logging.getLogger(name)
+    handler = _ToRunLogger(get_run_logger())
+    previous = library.level
+    if library.getEffectiveLevel() > logging.INFO:
+        library.setLevel(logging.INFO)
+    library.addHandler(handler)
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(previous)

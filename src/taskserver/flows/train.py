@@ -14,7 +14,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from taskserver import training
-from taskserver.flows.runtime import Progress, markdown_table, publish_summary, publish_table, retry_transient_only
+from taskserver.flows.runtime import (
+    Progress,
+    library_logs_in_run,
+    markdown_table,
+    publish_summary,
+    publish_table,
+    retry_transient_only,
+)
 from taskserver.training import TrainConfig, TrainProgress, TrainResult
 
 PROGRESS_EVERY_SECONDS = 5.0
@@ -68,7 +75,8 @@ def fit_classifier(config: TrainConfig, num_processes: int) -> TrainResult:
         if line.strip():
             logger.info("%s", line)
 
-    return training.run_job(config, num_processes, on_progress=_Reporter(), on_log=forward_log)
+    with library_logs_in_run():  # e.g. "checkpoint ... is corrupt; falling back to the previous one"
+        return training.run_job(config, num_processes, on_progress=_Reporter(), on_log=forward_log)
 
 
 @flow(name="train", description="Fine-tune a text classifier (all-MiniLM-L6-v2 + linear head) with accelerate.")

@@ -43,7 +43,7 @@ from taskserver.platform.deployments import (
     pull_steps,
 )
 from taskserver.platform.priorities import PRIORITIES
-from taskserver.platform.tasks import POOLS, TASKS, Pool, TaskType
+from taskserver.platform.tasks import ALL_POOLS, TASKS, Pool, TaskType
 
 DEFAULT_QUEUE = "default"
 DEFAULT_QUEUE_PRIORITY = len(PRIORITIES) + 1
@@ -79,8 +79,8 @@ class Limits:
     @classmethod
     def parse(cls, pool_items: list[str] = (), queue_items: list[str] = ()) -> "Limits":
         """Parse ``cpu=4`` and ``cpu/low=2`` items (CLI flags or comma-separated env values)."""
-        pools = {p.name for p in POOLS}
-        queues = {f"{p.name}/{level.name}" for p in POOLS for level in PRIORITIES}
+        pools = {p.name for p in ALL_POOLS}
+        queues = {f"{p.name}/{level.name}" for p in ALL_POOLS for level in PRIORITIES}
         return cls(
             pool=_parse_items(pool_items, pools, "pool limit"),
             queue=_parse_items(queue_items, queues, "queue limit"),
@@ -309,9 +309,14 @@ class _Bootstrapper:
         self.notify = notifications or Notifications()
         self.report = BootstrapReport()
 
+    def type_of(self, pool: Pool) -> str:
+        """The warm pool has its own worker type everywhere; job pools take the platform's."""
+        return pool.worker_type or self.pool_type
+
     async def pools(self) -> None:
-        for pool in POOLS:
-            template = base_job_template_for(pool, self.pool_type)
+        for pool in ALL_POOLS:
+            pool_type = self.type_of(pool)
+            template = base_job_template_for(pool, pool_type)
             limit = self.limits.pool.get(pool.name)
             try:
                 current = await self.client.read_work_pool(pool.name)
@@ -319,18 +324,18 @@ class _Bootstrapper:
                 await self.client.create_work_pool(
                     WorkPoolCreate(
                         name=pool.name,
-                        type=self.pool_type,
+                        type=pool_type,
                         description=pool.description,
                         base_job_template=template,
                         concurrency_limit=limit,
                     )
                 )
-                self.report.changes.append(f"pool {pool.name}: created ({self.pool_type})")
+                self.report.changes.append(f"pool {pool.name}: created ({pool_type})")
                 continue
-            if current.type != self.pool_type:
+            if current.type != pool_type:
                 raise InvalidInputError(
                     f"pool {pool.name!r}",
-                    f"exists with type {current.type!r}, not {self.pool_type!r}",
+                    f"exists with type {current.type!r}, not {pool_type!r}",
                     "Prefect cannot change a pool's type: delete the pool or bootstrap with its type",
                 )
             update: dict[str, Any] = {}
@@ -345,7 +350,7 @@ class _Bootstrapper:
                 self.report.changes.append(f"pool {pool.name}: updated {sorted(update)}")
 
     async def queues(self) -> None:
-        for pool in POOLS:
+        for pool in ALL_POOLS:
             wanted = {
                 level.work_queue: (level.queue_priority, self.limits.queue.get(f"{pool.name}/{level.name}"), level.description)
                 for level in PRIORITIES
@@ -589,7 +594,7 @@ def bootstrap(
 async def platform_state(client: PrefectClient) -> dict[str, Any]:
     """A comparable snapshot of what the bootstrap manages (for tests and `taskserver bootstrap --check`)."""
     state: dict[str, Any] = {"pools": {}, "deployments": {}, "automations": []}
-    for pool in POOLS:
+    for pool in ALL_POOLS:
         try:
             wp = await client.read_work_pool(pool.name)
         except ObjectNotFound:

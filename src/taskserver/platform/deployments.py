@@ -1,7 +1,8 @@
 """Deployments generated from the task catalogue and the priority model.
 
-Every task gets one deployment per priority, named ``<flow>/<priority>``, in its pool and in
-the priority's work queue. ``prefect.yaml`` and the bootstrap are both built from
+Every task gets one deployment per priority, named ``<flow>/<priority>``, on its default lane
+and in the priority's work queue. A warm-capable task also gets ``<flow>/<priority>-job`` or
+``<flow>/<priority>-warm`` on its other lane, which is how a submitter overrides the routing. ``prefect.yaml`` and the bootstrap are both built from
 ``deployment_specs()``, so neither can drift from ``priorities.py`` and ``tasks.py``.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import yaml
 
 from taskserver.platform.priorities import PRIORITIES, PriorityLevel
-from taskserver.platform.tasks import TASKS, Pool, TaskType
+from taskserver.platform.tasks import JOB_LANE, TASKS, Pool, TaskType
 
 PREFECT_YAML = "prefect.yaml"
 
@@ -43,6 +44,7 @@ class DeploymentSpec:
     task: TaskType
     priority: PriorityLevel
     schedules: tuple[ScheduleSpec, ...] = field(default=())
+    lane: str = JOB_LANE
 
     @property
     def flow_name(self) -> str:
@@ -50,7 +52,9 @@ class DeploymentSpec:
 
     @property
     def name(self) -> str:
-        return self.priority.name
+        if self.lane == self.task.default_lane:
+            return self.priority.name
+        return f"{self.priority.name}-{self.lane}"
 
     @property
     def full_name(self) -> str:
@@ -58,7 +62,7 @@ class DeploymentSpec:
 
     @property
     def pool(self) -> Pool:
-        return self.task.pool
+        return self.task.pool_for(self.lane)
 
     @property
     def work_queue_name(self) -> str:
@@ -66,7 +70,8 @@ class DeploymentSpec:
 
     @property
     def tags(self) -> list[str]:
-        return [self.task.name, f"priority:{self.priority.name}", f"pool:{self.pool.name}"]
+        return [self.task.name, f"priority:{self.priority.name}", f"pool:{self.pool.name}",
+                f"lane:{self.lane}"]
 
     @property
     def description(self) -> str:
@@ -74,6 +79,10 @@ class DeploymentSpec:
 
     @property
     def job_variables(self) -> dict[str, Any]:
+        if self.lane != JOB_LANE:
+            # The warm worker emits the heartbeats of the runs it executes itself (a run's own
+            # heartbeat thread costs ~1 s per run at exit) and has no pods to prioritise.
+            return {}
         # priority_class_name is read by the Kubernetes base job template; process pools ignore it.
         return {
             "priority_class_name": self.priority.priority_class_name,
@@ -82,14 +91,16 @@ class DeploymentSpec:
 
 
 def deployment_specs(tasks: tuple[TaskType, ...] | list[TaskType] = TASKS) -> list[DeploymentSpec]:
-    """One spec per task and priority, in catalogue order then priority order."""
+    """One spec per task, lane and priority: catalogue order, default lane first, then priority."""
     specs = []
     for task in tasks:
-        for level in PRIORITIES:
-            schedules: tuple[ScheduleSpec, ...] = ()
-            if task.name == NIGHTLY_RETRAIN_TASK and level.name == NIGHTLY_RETRAIN_PRIORITY:
-                schedules = (ScheduleSpec(NIGHTLY_RETRAIN_CRON, active=False),)
-            specs.append(DeploymentSpec(task, level, schedules))
+        for lane in task.lanes:
+            for level in PRIORITIES:
+                schedules: tuple[ScheduleSpec, ...] = ()
+                if (task.name == NIGHTLY_RETRAIN_TASK and level.name == NIGHTLY_RETRAIN_PRIORITY
+                        and lane == task.default_lane):
+                    schedules = (ScheduleSpec(NIGHTLY_RETRAIN_CRON, active=False),)
+                specs.append(DeploymentSpec(task, level, schedules, lane))
     return specs
 
 

@@ -462,6 +462,7 @@ def platform_document() -> dict[str, Any]:
     equals this document.
     """
     from taskserver.platform.gpus import GPUS
+    from taskserver.platform.tasks import WARM_POOL
 
     return {
         "generatedBy": "taskserver.platform.kubernetes.platform_document",
@@ -480,6 +481,10 @@ def platform_document() -> dict[str, Any]:
         "gpuResource": GPU_RESOURCE,
         "gpuTypeLabel": GPU_TYPE_LABEL,
         "pools": [{"name": pool.name, "gpu": pool.gpu} for pool in POOLS],
+        # The warm lane's pool: a long-running worker of its own type, not Jobs (chart: warm.*).
+        "warmPool": {"name": WARM_POOL.name, "workerType": WARM_POOL.worker_type},
+        # Prefect results under the shared data location, as SharedData.env() gives jobs.
+        "resultsDirname": storage.RESULTS_DIRNAME,
         "runAsUser": RUN_AS_USER,
         "jobOptionsEnv": JOB_OPTIONS_ENV,
     }

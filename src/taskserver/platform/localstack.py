@@ -21,7 +21,7 @@ from pathlib import Path
 from taskserver import storage
 from taskserver.errors import TaskserverError
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
-from taskserver.platform.tasks import DIAGNOSTIC_TASKS, POOLS
+from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, Pool
 from taskserver.platform.worker import WORKER_TYPE
 from taskserver.settings import get_settings
 
@@ -29,6 +29,8 @@ DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
 WORKER_SLOTS = 2
 POLL_SECONDS = 1
+WARM_POLL_SECONDS = 0.25
+"""The warm lane polls faster: its runs start in well under a second, so 1 s would dominate."""
 SERVER_START_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
 
@@ -73,7 +75,13 @@ def stack_paths(home: Path | None = None) -> StackPaths:
 
 
 def components() -> list[str]:
-    return ["server"] + [f"worker-{pool.name}" for pool in POOLS]
+    return ["server"] + [f"worker-{pool.name}" for pool in ALL_POOLS]
+
+
+def _worker_argv(pool: Pool, slots: int) -> tuple[list[str], str]:
+    """The command that serves ``pool`` locally, and the marker that finds it in /proc."""
+    module = "taskserver.platform.worker"  # serves the warm pool with the warm lane's worker
+    return [sys.executable, "-m", module, pool.name, str(slots), f"local-{pool.name}"], f"{module} {pool.name}"
 
 
 def _alive(pid: int) -> bool:
@@ -185,6 +193,7 @@ def up(
     database_url: str | None = None,
     slots: int = WORKER_SLOTS,
     home: Path | None = None,
+    warm_slots: int = WORKER_SLOTS,
     with_probe: bool = False,
     echo=print,
 ) -> StackInfo:
@@ -214,6 +223,9 @@ def up(
     paths.prefect_home.mkdir(parents=True, exist_ok=True)
     env = _base_env(paths)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = db_url
+    auth = get_settings().auth_string.get_secret_value()
+    if auth:  # basic auth on every route but /health; the server's own clients need it too
+        env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"] = auth
     marker = f"--port {port}"
     _spawn(paths, "server", [_prefect_exe(), "server", "start", "--host", HOST, "--port", str(port)],
            env, marker)
@@ -230,7 +242,8 @@ def up(
             raise StackError("Prefect server", f"not healthy after {SERVER_START_TIMEOUT:.0f}s",
                              f"see {paths.log('server')}")
         time.sleep(0.5)
-    paths.state.write_text(json.dumps({"api_url": url, "port": port, "database_url": db_url}))
+    # The home holds no secret: the database password is masked here.
+    paths.state.write_text(json.dumps({"api_url": url, "port": port, "database_url": redact_database_url(db_url)}))
 
     try:
         report = run_bootstrap(url, with_probe=with_probe)
@@ -241,16 +254,23 @@ def up(
 
     worker_env = dict(env)
     worker_env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    worker_env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # workers keep the client's PREFECT_API_AUTH_STRING
     worker_env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)})
     # Results in the data location, as on Kubernetes: a pipeline step's result is readable anywhere.
     worker_env.update(storage.prefect_results_env(get_settings().data_location))
-    for pool in POOLS:
-        name = f"local-{pool.name}"
-        _spawn(paths, f"worker-{pool.name}",
-               [sys.executable, "-m", "taskserver.platform.worker", pool.name, str(slots), name],
-               worker_env, f"taskserver.platform.worker {pool.name}")
+    for pool in ALL_POOLS:
+        pool_slots = warm_slots if pool.worker_type else slots
+        argv, worker_marker = _worker_argv(pool, pool_slots)
+        pool_env = dict(worker_env)
+        if pool.worker_type:
+            pool_env["PREFECT_WORKER_QUERY_SECONDS"] = str(WARM_POLL_SECONDS)
+        _spawn(paths, f"worker-{pool.name}", argv, pool_env, worker_marker)
     ui = url.removesuffix("/api")
-    echo(f"workers started: {', '.join(p.name for p in POOLS)} ({slots} slots each, polling every {POLL_SECONDS}s)")
+    job_pools = ", ".join(p.name for p in ALL_POOLS if not p.worker_type)
+    warm_pools = ", ".join(p.name for p in ALL_POOLS if p.worker_type)
+    echo(f"workers started: {job_pools} ({slots} slots each, polling every {POLL_SECONDS}s);"
+         f" warm lane {warm_pools} ({warm_slots} warm interpreters, polling every {WARM_POLL_SECONDS}s;"
+         " ready once the model is loaded)")
     echo(f"Prefect UI: {ui}")
     echo(f"use it with: export PREFECT_API_URL={url}")
     return StackInfo(api_url=url, ui_url=ui, database_url=db_url, home=paths.home)
@@ -262,8 +282,24 @@ def run_bootstrap(url: str, with_probe: bool = False):
     from taskserver.platform.bootstrap import bootstrap
 
     extra = DIAGNOSTIC_TASKS if with_probe else ()
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    updates: dict = {PREFECT_API_URL: url}
+    auth = get_settings().auth_string.get_secret_value()
+    if auth:
+        from prefect.settings import PREFECT_API_AUTH_STRING
+
+        updates[PREFECT_API_AUTH_STRING] = auth
+    with temporary_settings(updates=updates):
         return bootstrap(pool_type=WORKER_TYPE, extra_tasks=extra)
+
+
+def redact_database_url(url: str) -> str:
+    """``url`` with its password masked: the form that may be printed or written to a file."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as nothing at all
+        return "<database URL>"
 
 
 def down(home: Path | None = None, echo=print) -> list[str]:

@@ -21,7 +21,9 @@ from prefect.exceptions import ObjectNotFound
 
 from taskserver.errors import ParameterError
 from taskserver.platform.priorities import DEFAULT_PRIORITY, get_priority
-from taskserver.platform.tasks import get_task, task_names
+from taskserver.platform.routing import choose_lane, deployment_name
+from taskserver.platform.tasks import DIAGNOSTIC_TASKS, TASKS, TaskType, get_task, task_names
+from taskserver.settings import get_settings
 
 FINAL_STATE_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -59,9 +61,18 @@ def validate_parameters(parameters: dict[str, Any], schema: dict[str, Any], wher
         raise ParameterError(f"{where} parameters", problems)
 
 
-async def resolve_deployment(client: PrefectClient, task: str, priority: str) -> Deployment:
+def _task_type(name: str) -> TaskType:
+    """A catalogue task, or a diagnostic one (probe); else "unknown task" with the choices."""
+    for task in (*TASKS, *DIAGNOSTIC_TASKS):
+        if task.name == name:
+            return task
+    return get_task(name)
+
+
+async def resolve_deployment(client: PrefectClient, task: str, priority: str,
+                             lane: str | None = None) -> Deployment:
     level = get_priority(priority)
-    name = f"{task}/{level.name}"
+    name = f"{task}/{level.name}" if lane is None else deployment_name(_task_type(task), level.name, lane)
     try:
         return await client.read_deployment_by_name(name)
     except ObjectNotFound:
@@ -80,13 +91,20 @@ async def submit_async(
     wait: bool = False,
     timeout: float | None = None,
     client: PrefectClient | None = None,
+    lane: str | None = None,
 ) -> UUID:
-    """Create a run of ``<task>/<priority>`` and return its id (after it finishes, if ``wait``)."""
+    """Create a run of ``task`` at ``priority`` and return its id (after it finishes, if ``wait``).
+
+    ``lane``: ``warm``, ``job``, or ``None``/``auto`` to route by the task's default and the
+    input size (taskserver.platform.routing).
+    """
     if client is None:
         async with get_client() as owned:
-            return await submit_async(task, priority, parameters, wait, timeout, owned)
+            return await submit_async(task, priority, parameters, wait, timeout, owned, lane)
     parameters = dict(parameters or {})
-    deployment = await resolve_deployment(client, task, priority)
+    get_priority(priority)
+    lane = choose_lane(_task_type(task), parameters, lane, get_settings().data_location)
+    deployment = await resolve_deployment(client, task, priority, lane)
     validate_parameters(parameters, deployment.parameter_openapi_schema or {}, f"{task}/{priority}")
     run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
     if wait:
@@ -100,8 +118,9 @@ def submit(
     parameters: dict[str, Any] | None = None,
     wait: bool = False,
     timeout: float | None = None,
+    lane: str | None = None,
 ) -> UUID:
-    return asyncio.run(submit_async(task, priority, parameters, wait, timeout))
+    return asyncio.run(submit_async(task, priority, parameters, wait, timeout, lane=lane))
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,17 @@ class PriorityProcessWorker(ProcessWorker):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m taskserver.platform.worker POOL LIMIT [NAME]``: what the local stack runs."""
+    """``python -m taskserver.platform.worker POOL LIMIT [NAME]``: what the local stack runs.
+
+    The warm pool gets the warm lane's worker (LIMIT = its interpreters), any other pool this one.
+    """
     args = sys.argv[1:] if argv is None else argv
+    from taskserver.platform.tasks import WARM_POOL
+
+    if args and args[0] == WARM_POOL.name:
+        from taskserver.platform.warm import main as warm_main
+
+        return warm_main(args)
     pool, limit = args[0], int(args[1])
     name = args[2] if len(args) > 2 else None
     worker = PriorityProcessWorker(work_pool_name=pool, limit=limit, name=name, create_pool_if_not_found=False)
@@ -164,3 +173,8 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# The prefect.collections entry point imports this module; importing the warm lane here
+# registers its worker type (`taskserver-warm`) too.
+from taskserver.platform.warm import WarmWorker  # noqa: E402,F401

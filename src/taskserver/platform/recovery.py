@@ -1,0 +1,267 @@
+"""Reschedule flow runs that were lost with their infrastructure (a killed worker, node or pod).
+
+Prefect's flow retries cover exceptions raised inside a flow; a run whose process vanished ends
+Crashed (by the zombie automation, or by its own SIGTERM handler) and stays there. This service
+puts such runs back in their queue, a bounded number of times, and leaves every other crash alone.
+Run it as ``python -m taskserver.platform.recovery [--interval 15] [--max-attempts 3] [--once]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterDeploymentId,
+    FlowRunFilterEndTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.states import AwaitingRetry
+
+from taskserver.platform.tasks import ALL_POOLS
+
+log = logging.getLogger("taskserver.recovery")
+
+DEFAULT_MAX_ATTEMPTS = 3
+"""Starts a run may get in all, the first included: 3 = the original and two reschedules."""
+DEFAULT_LOOKBACK = timedelta(hours=24)
+"""Runs that crashed longer ago than this are history, not work to recover."""
+DEFAULT_INTERVAL_SECONDS = 15.0
+PAGE_SIZE = 200
+
+RESCHEDULE_MESSAGE_PREFIX = "Rescheduled by taskserver recovery"
+"""Starts every state message this service writes: it is how past reschedules are counted."""
+
+LOST_INFRASTRUCTURE_MESSAGES: tuple[str, ...] = (
+    # The "crash zombie flows" automation (bootstrap.zombie_automation): no heartbeat for 90 s,
+    # so the process, its worker or its node is gone.
+    "Flow run marked as crashed due to missing heartbeats.",
+    # The flow engine after SIGTERM: Kubernetes eviction or preemption, a node drain, a pod
+    # deleted, `docker stop`, a worker shutting its runs down.
+    "Execution was aborted by a termination signal.",
+    # Workers and runners reporting a process killed from outside: -9/137 SIGKILL (also the OOM
+    # killer; bounded by max_attempts), -15/143 SIGTERM before the engine could report it.
+    "Flow run infrastructure exited with non-zero status code -9",
+    "Flow run infrastructure exited with non-zero status code 137",
+    "Flow run infrastructure exited with non-zero status code -15",
+    "Flow run infrastructure exited with non-zero status code 143",
+    "Process exited with status code: -9",
+    "Process exited with status code: 137",
+    "Process exited with status code: -15",
+    "Process exited with status code: 143",
+    "Flow run process exited with non-zero status code -9",
+    "Flow run process exited with non-zero status code 137",
+    "Flow run process exited with non-zero status code -15",
+    "Flow run process exited with non-zero status code 143",
+    # The engine could not reach the API (a server restart or network cut mid-run).
+    "Request failed while attempting to contact the server",
+)
+"""Crashed-state messages that mean "the run's infrastructure was lost", matched as prefixes.
+
+Not here on purpose, because running again would crash the same way or a person asked for it:
+"Execution was aborted by an interrupt signal." (Ctrl-C), "Execution was aborted by Python system
+exit call." (the flow called sys.exit), "Execution was interrupted by an unexpected exception"
+(a bug outside the flow body), other exit codes (1 = an error the process reported), and
+"Flow run could not start" (bad code or image)."""
+_API_REQUEST_FAILED = ("Request to ", " failed: ")  # "Request to {url} failed: {ConnectError...}."
+
+
+@dataclass(frozen=True)
+class Rescheduled:
+    """One run put back in its queue."""
+
+    flow_run_id: UUID
+    name: str
+    work_pool: str | None
+    work_queue: str | None
+    attempt: int
+    """The attempt the run starts next: 2 after its first loss."""
+    max_attempts: int
+    reason: str
+    """The Crashed state's message."""
+
+
+def is_lost_infrastructure(message: str | None) -> bool:
+    """Whether a Crashed state's message says the run's process, worker or node went away."""
+    text = (message or "").strip()
+    if any(text.startswith(prefix) for prefix in LOST_INFRASTRUCTURE_MESSAGES):
+        return True
+    return text.startswith(_API_REQUEST_FAILED[0]) and _API_REQUEST_FAILED[1] in text and (
+        "ConnectError" in text or "Timeout" in text or "RemoteProtocolError" in text
+    )
+
+
+def is_ours(flow_run: FlowRun, pools: list[str] | None = None) -> bool:
+    """A run of a platform deployment: in one of ``pools`` (default: the platform's), or tagged
+    with a priority, which every generated deployment is."""
+    if flow_run.deployment_id is None:
+        return False  # an ad-hoc run has nowhere to be rescheduled to
+    wanted = set(pools) if pools is not None else {pool.name for pool in ALL_POOLS}
+    if flow_run.work_pool_name in wanted:
+        return True
+    return pools is None and any(tag.startswith("priority:") for tag in flow_run.tags)
+
+
+def count_reschedules(history: list[State]) -> int:
+    """How many times this service already rescheduled the run."""
+    return sum(1 for state in history if (state.message or "").startswith(RESCHEDULE_MESSAGE_PREFIX))
+
+
+def _transition_id(flow_run_id: UUID, crashed_state_id: UUID) -> UUID:
+    """The same for every proposal made from the same Crashed state, so the server rejects a
+    duplicate proposal (PreventDuplicateTransitions) instead of applying it twice."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"taskserver-recovery:{flow_run_id}:{crashed_state_id}")
+
+
+async def _crashed_runs(client: PrefectClient, since: datetime) -> list[FlowRun]:
+    """Crashed deployment runs that ended after ``since``, every page of them."""
+    runs: list[FlowRun] = []
+    offset = 0
+    while True:
+        page = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED])),
+                deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+                end_time=FlowRunFilterEndTime(after_=since),
+            ),
+            # Every argument explicit: Prefect 3.8.8's client sends nulls that newer FastAPI rejects.
+            sort=FlowRunSort.END_TIME_DESC,
+            limit=PAGE_SIZE,
+            offset=offset,
+        )
+        runs.extend(page)
+        if len(page) < PAGE_SIZE:
+            return runs
+        offset += PAGE_SIZE
+
+
+async def reschedule_lost_runs(
+    client: PrefectClient,
+    *,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    lookback: timedelta = DEFAULT_LOOKBACK,
+    pools: list[str] | None = None,
+    exhausted: set[UUID] | None = None,
+) -> list[Rescheduled]:
+    """Put every platform run that crashed because its infrastructure was lost back in its queue.
+
+    A run is rescheduled (an ``AwaitingRetry`` Scheduled state, due now) only while it is still
+    in the Crashed state this pass read, and only while it has had fewer than ``max_attempts``
+    starts. Calling this again, or from two places at once, never reschedules a run twice for one
+    crash, nor a run that already left Crashed. Runs out of attempts stay Crashed and are logged
+    once per ``exhausted`` set (the caller keeps it between passes; None logs every pass).
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+    since = datetime.now(timezone.utc) - lookback
+    done: list[Rescheduled] = []
+    for candidate in await _crashed_runs(client, since):
+        if not is_ours(candidate, pools) or candidate.state is None:
+            continue
+        crashed = candidate.state
+        if not is_lost_infrastructure(crashed.message):
+            continue
+        history = await client.read_flow_run_states(candidate.id)
+        attempt = count_reschedules(history) + 2  # the attempt a reschedule would start
+        if attempt > max_attempts:
+            if exhausted is None or candidate.id not in exhausted:
+                log.error(
+                    "Flow run %s (%s) lost its infrastructure again and has had %d of %d attempts;"
+                    " it stays Crashed: %s",
+                    candidate.name, candidate.id, attempt - 1, max_attempts, crashed.message,
+                )
+                if exhausted is not None:
+                    exhausted.add(candidate.id)
+            continue
+        # Re-read just before proposing: another pass may have moved it on since the listing.
+        current = await client.read_flow_run(candidate.id)
+        if current.state is None or current.state.id != crashed.id:
+            continue
+        message = (
+            f"{RESCHEDULE_MESSAGE_PREFIX} (attempt {attempt} of {max_attempts}): the previous"
+            f" attempt lost its infrastructure: {crashed.message}"
+        )
+        proposed = AwaitingRetry(scheduled_time=datetime.now(timezone.utc), message=message)
+        proposed.state_details.transition_id = _transition_id(candidate.id, crashed.id)
+        result = await client.set_flow_run_state(candidate.id, proposed, force=False)
+        if result.status.value != "ACCEPT":
+            log.info("Flow run %s (%s) not rescheduled: the server answered %s (%s)", candidate.name,
+                     candidate.id, result.status.value, getattr(result.details, "reason", ""))
+            continue
+        item = Rescheduled(
+            flow_run_id=candidate.id, name=candidate.name, work_pool=candidate.work_pool_name,
+            work_queue=candidate.work_queue_name, attempt=attempt, max_attempts=max_attempts,
+            reason=crashed.message or "",
+        )
+        log.warning(
+            "Rescheduled flow run %s (%s) in %s/%s, attempt %d of %d: %s", item.name, item.flow_run_id,
+            item.work_pool, item.work_queue, attempt, max_attempts, item.reason,
+        )
+        done.append(item)
+    return done
+
+
+async def serve(
+    interval: float = DEFAULT_INTERVAL_SECONDS,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    lookback: timedelta = DEFAULT_LOOKBACK,
+    pools: list[str] | None = None,
+    once: bool = False,
+) -> None:
+    """Pass after pass, forever (or once). An unreachable API is logged and tried again next pass."""
+    exhausted: set[UUID] = set()
+    log.info("Recovery service: every %.0fs, at most %d attempts per run, looking back %s, pools %s",
+             interval, max_attempts, lookback, pools or "all platform pools")
+    while True:
+        try:
+            async with get_client() as client:
+                await reschedule_lost_runs(client, max_attempts=max_attempts, lookback=lookback,
+                                           pools=pools, exhausted=exhausted)
+        except Exception as exc:  # noqa: BLE001 - a server restart must not stop the service
+            if once:
+                raise
+            log.warning("Recovery pass failed (%s: %s); trying again in %.0fs", type(exc).__name__, exc, interval)
+        if once:
+            return
+        await asyncio.sleep(interval)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m taskserver.platform.recovery",
+        description="Reschedule flow runs lost with their worker, node or pod (reads PREFECT_API_URL).",
+    )
+    parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_SECONDS,
+                        help="Seconds between passes (default %(default)s).")
+    parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+                        help="Starts a run may get in all, the first included (default %(default)s).")
+    parser.add_argument("--lookback-hours", type=float, default=DEFAULT_LOOKBACK.total_seconds() / 3600,
+                        help="Only runs that crashed within this many hours (default %(default)s).")
+    parser.add_argument("--pool", action="append", dest="pools", default=None,
+                        help="Only runs of this work pool (repeatable; default: every platform pool).")
+    parser.add_argument("--once", action="store_true", help="One pass, then exit.")
+    args = parser.parse_args(argv)
+    if args.max_attempts < 1:
+        parser.error("--max-attempts must be at least 1")
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    asyncio.run(serve(args.interval, args.max_attempts, timedelta(hours=args.lookback_hours),
+                      args.pools, args.once))
+
+
+if __name__ == "__main__":
+    main()

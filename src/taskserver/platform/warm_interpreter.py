@@ -1,0 +1,220 @@
+"""One warm interpreter of the warm lane: loads Prefect and the libraries once, then runs the
+flow runs its worker sends, one at a time, with Prefect's own engine.
+
+Protocol (one JSON object per line): the worker writes ``{"op": "run", "flow_run_id", "env"}``
+or ``{"op": "exit"}`` to stdin; this process answers on its original stdout with ``ready`` once
+warm and ``finished`` after each run. The flows' own prints go to stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from typing import IO, Any, Iterator
+from uuid import UUID
+
+PRELOADS = ("encoder", "pdf", "flows")
+
+
+def _die_with_parent() -> None:
+    """If the worker is killed, its interpreters must not outlive it (like a pod's processes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the worker's stop() still ends us
+        pass
+    if os.getppid() == 1:  # the worker died before we got here
+        os._exit(1)
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def preload(names: list[str]) -> None:
+    """Load what the warm lane's runs need, so their first run is as fast as the hundredth."""
+    import prefect.flow_engine  # noqa: F401
+    import prefect.flows  # noqa: F401
+
+    unknown = sorted(set(names) - set(PRELOADS))
+    if unknown:
+        print(f"warm interpreter: ignoring unknown preloads {unknown}; known: {list(PRELOADS)}",
+              file=sys.stderr)
+    if "encoder" in names:
+        from taskserver import encoding
+
+        encoding.get_encoder()
+    if "pdf" in names:
+        from taskserver import documents
+
+        documents.prepare_unstructured()
+    if "flows" in names:
+        import taskserver.flows.encode  # noqa: F401
+        import taskserver.flows.infer  # noqa: F401
+        import taskserver.flows.pdfs  # noqa: F401
+        import taskserver.flows.probe  # noqa: F401
+
+
+@contextmanager
+def run_environment(env: dict[str, str | None]) -> Iterator[None]:
+    """Apply a run's job environment around it, then restore the interpreter's.
+
+    ``PREFECT_*`` settings are not applied: Prefect reads them once per process, so on this
+    lane they come from the worker's environment.
+    """
+    from taskserver.settings import reload_settings
+
+    applied = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
+    saved = {k: os.environ.get(k) for k in applied}
+    for key, value in applied.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    touches_settings = any(k.startswith("TASKSERVER_") for k in applied)
+    if touches_settings:
+        reload_settings()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if touches_settings:
+            reload_settings()
+
+
+class FlowLoader:
+    """Flows loaded once per deployment: pull steps and the entrypoint import run on first use."""
+
+    def __init__(self) -> None:
+        self._flows: dict[UUID, Any] = {}
+
+    def load(self, flow_run: Any) -> Any:
+        from prefect.flows import load_flow_from_flow_run
+        from prefect.utilities.asyncutils import run_coro_as_sync
+
+        key = flow_run.deployment_id
+        if key is None or key not in self._flows:
+            flow = run_coro_as_sync(load_flow_from_flow_run(flow_run, use_placeholder_flow=False))
+            if key is None:
+                return flow
+            self._flows[key] = flow
+        return self._flows[key]
+
+
+def execute(flow_run_id: UUID, env: dict[str, str | None], loader: FlowLoader) -> str:
+    """Run one flow run to a final state with Prefect's engine; return the state's type."""
+    from prefect.exceptions import Abort, Pause
+    from prefect.flow_engine import load_flow_run, run_flow
+    from prefect.logging.loggers import flow_run_logger
+
+    with run_environment({**env, "PREFECT__FLOW_RUN_ID": str(flow_run_id)}):
+        flow_run = load_flow_run(flow_run_id)
+        logger = flow_run_logger(flow_run=flow_run)
+        try:
+            flow = loader.load(flow_run)
+        except Exception:
+            logger.error("Unexpected exception encountered when trying to load flow", exc_info=True)
+            _fail(flow_run_id, "could not load the flow")
+            return "FAILED"
+        try:
+            state = run_flow(flow, flow_run=flow_run, error_logger=logger, return_type="state")
+        except (Abort, Pause) as exc:  # the orchestrator said no: nothing ran
+            logger.info(f"Flow run {flow_run_id} not run here: {type(exc).__name__}: {exc}")
+            return type(exc).__name__.upper()
+        return getattr(getattr(state, "type", None), "value", "UNKNOWN")
+
+
+def _fail(flow_run_id: UUID, message: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
+
+
+def serve(commands: IO[str], replies: IO[str]) -> int:
+    def reply(**message: Any) -> None:
+        replies.write(json.dumps(message) + "\n")
+        replies.flush()
+
+    loader = FlowLoader()
+    for line in commands:
+        if not line.strip():
+            continue
+        command = json.loads(line)
+        if command.get("op") == "exit":
+            break
+        if command.get("op") != "run":
+            continue
+        started = time.perf_counter()
+        flow_run_id = UUID(command["flow_run_id"])
+        state = execute(flow_run_id, command.get("env") or {}, loader)
+        reply(event="finished", flow_run_id=str(flow_run_id), state=state,
+              seconds=time.perf_counter() - started, rss_mb=rss_mb())
+    _drain()
+    return 0
+
+
+def _drain() -> None:
+    """Deliver the logs and events still buffered before the interpreter goes away."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()
+        EventsWorker.drain_all(timeout=10)
+    except Exception:
+        pass
+
+
+@contextmanager
+def without_run_heartbeats() -> Iterator[None]:
+    """Prefect settings for every run here, minus the runs' own heartbeat thread.
+
+    The engine's heartbeat thread sleeps in 1 s steps and is joined when the run ends, which
+    costs ~1 s per run; the environment cannot switch it off (the setting has ``ge=30``), but a
+    settings context can. The worker emits the heartbeats of the runs it executes instead.
+    """
+    from prefect.context import SettingsContext, get_settings_context
+
+    context = get_settings_context()
+    flows = context.settings.flows.model_copy(update={"heartbeat_frequency": None})
+    settings = context.settings.model_copy(update={"flows": flows})
+    with SettingsContext(profile=context.profile, settings=settings):
+        yield
+
+
+def main() -> int:
+    _die_with_parent()
+    # Replies go to the original stdout; everything the flows print goes to stderr.
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    started = time.perf_counter()
+    from taskserver.settings import get_settings
+
+    preload(get_settings().warm_preload)
+    replies.write(json.dumps({"event": "ready", "pid": os.getpid(), "rss_mb": rss_mb(),
+                              "seconds": time.perf_counter() - started}) + "\n")
+    replies.flush()
+    with without_run_heartbeats():
+        return serve(sys.stdin, replies)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

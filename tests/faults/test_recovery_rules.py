@@ -1,0 +1,72 @@
+"""The recovery service's rules on a real server, without workers: which crashes it reschedules,
+how often, and that calling it again changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Crashed, Pending, Running
+
+from taskserver.platform.recovery import is_lost_infrastructure, reschedule_lost_runs
+
+from fault_support import create_runs, read_runs
+from platform_support import probe_params
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+
+ZOMBIE = "Flow run marked as crashed due to missing heartbeats."
+
+
+@pytest.mark.parametrize(("message", "lost"), [
+    (ZOMBIE, True),
+    ("Execution was aborted by a termination signal.", True),
+    ("Flow run infrastructure exited with non-zero status code -9. Process was killed.", True),
+    ("Process exited with status code: 143. Process was terminated.", True),
+    ("Request to http://127.0.0.1:4200/api/flow_runs/x/set_state failed: httpx.ConnectError: refused.", True),
+    ("Execution was aborted by Python system exit call.", False),
+    ("Execution was aborted by an interrupt signal.", False),
+    ("Execution was interrupted by an unexpected exception: ValueError: bad", False),
+    ("Flow run infrastructure exited with non-zero status code 1.", False),
+    ("Flow run could not start: ImportError", False),
+    (None, False),
+])
+def test_only_lost_infrastructure_counts_as_lost(message, lost):
+    assert is_lost_infrastructure(message) is lost
+
+
+async def _crash(run_id, message: str) -> None:
+    async with get_client() as client:
+        await client.set_flow_run_state(run_id, Pending(), force=True)
+        await client.set_flow_run_state(run_id, Running(), force=True)
+        await client.set_flow_run_state(run_id, Crashed(message=message), force=True)
+
+
+async def _recover(**kwargs) -> list:
+    async with get_client() as client:
+        return await reschedule_lost_runs(client, **kwargs)
+
+
+def test_a_lost_run_is_rescheduled_once_per_crash_until_its_attempts_run_out(prefect_server, records, clean_queues):
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        [lost, own_exit] = create_runs("probe/low", [probe_params("lost", records), probe_params("exit", records)])
+        asyncio.run(_crash(lost, ZOMBIE))
+        asyncio.run(_crash(own_exit, "Execution was aborted by Python system exit call."))
+
+        first = asyncio.run(_recover(max_attempts=3))
+        assert [(r.flow_run_id, r.attempt) for r in first] == [(lost, 2)]
+        assert asyncio.run(_recover(max_attempts=3)) == []  # again: nothing to do, nothing doubled
+        runs = read_runs([lost, own_exit])
+        assert runs[lost].state_type == "SCHEDULED" and runs[lost].state_name == "AwaitingRetry"
+        assert runs[lost].message.startswith("Rescheduled by taskserver recovery (attempt 2 of 3)")
+        assert runs[own_exit].state_type == "CRASHED"  # would crash the same way again
+
+        asyncio.run(_crash(lost, ZOMBIE))
+        assert [r.attempt for r in asyncio.run(_recover(max_attempts=3))] == [3]
+        asyncio.run(_crash(lost, ZOMBIE))
+        exhausted: set = set()
+        assert asyncio.run(_recover(max_attempts=3, exhausted=exhausted)) == []
+        assert exhausted == {lost}
+        assert read_runs([lost])[lost].state_type == "CRASHED"  # out of attempts: stays Crashed
