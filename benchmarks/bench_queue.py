@@ -62,13 +62,16 @@ from platform_support import PrefectServer, WorkerProcess, free_port, read_done,
 
 SLOTS = 2
 LOWER = ("low", "normal")
-SYSTEMS = ("prefect-10s", "prefect-1s", "taskserver-1s", "celery")
+SYSTEMS = ("prefect-10s", "prefect-1s", "taskserver-1s", "taskserver-warm", "celery")
 TITLES = {
     "prefect-10s": "Prefect process worker, 10 s poll",
     "prefect-1s": "Prefect process worker, 1 s poll",
     "taskserver-1s": "taskserver-process, 1 s poll",
+    "taskserver-warm": "taskserver-warm (warm lane), 0.25 s poll",
     "celery": "Celery + Redis",
 }
+ENCODE_SYSTEMS = ("taskserver-warm", "celery")
+"""The systems that also run the single-text encode requests (a model loaded once per process)."""
 
 
 class BenchError(RuntimeError):
@@ -87,12 +90,13 @@ class Scale:
     noop_cap_slow_poll_s: float
     lower_seconds: float = 4.0
     critical_seconds: float = 0.5
+    encode_requests: int = 1000
 
 
 QUICK = Scale(idle_runs=8, idle_runs_slow_poll=4, lows=6, normals=6, criticals=3,
-              noop_runs=30, noop_cap_s=30, noop_cap_slow_poll_s=30)
+              noop_runs=30, noop_cap_s=30, noop_cap_slow_poll_s=30, encode_requests=200)
 FULL = Scale(idle_runs=16, idle_runs_slow_poll=6, lows=10, normals=10, criticals=5,
-             noop_runs=60, noop_cap_s=75, noop_cap_slow_poll_s=50)
+             noop_runs=60, noop_cap_s=75, noop_cap_slow_poll_s=50, encode_requests=1000)
 # An odd number of criticals: with two slots, the last one can be picked up beside a lower run in
 # the same poll, the case where a stock process worker may launch the lower run's body first.
 
@@ -189,7 +193,10 @@ class Submitted:
 class PrefectSystem:
     """A worker (stock or taskserver) on the shared benchmark server, submitting through taskserver."""
 
-    def __init__(self, name: str, server: PrefectServer, worker_type: str, poll_seconds: int, logs: Path):
+    pool = "cpu"
+    lane: str | None = None
+
+    def __init__(self, name: str, server: PrefectServer, worker_type: str, poll_seconds: float, logs: Path):
         self.name, self.server, self.worker_type, self.poll = name, server, worker_type, poll_seconds
         self.logs = logs
         self.worker: WorkerProcess | None = None
@@ -203,15 +210,18 @@ class PrefectSystem:
         from prefect.client.orchestration import get_client
 
         self.client = await get_client().__aenter__()
-        self.worker = WorkerProcess("cpu", SLOTS, self.server.api_url, self.logs / f"{self.name}.log",
-                                    self.worker_type, str(self.poll)).start()
+        self.worker = WorkerProcess(self.pool, SLOTS, self.server.api_url, self.logs / f"{self.name}.log",
+                                    self.worker_type, str(self.poll), env=self.worker_env()).start()
+
+    def worker_env(self) -> dict[str, str]:
+        return {}
 
     async def submit(self, label: str, priority: str, seconds: float, record_dir: Path) -> Submitted:
         from taskserver.platform.submission import submit_async
 
         at = time.time()
         run_id = await submit_async("probe", priority, {"label": label, "record_dir": str(record_dir),
-                                                        "seconds": seconds}, client=self.client)
+                                                        "seconds": seconds}, client=self.client, lane=self.lane)
         return Submitted(label, at, run_id)
 
     def busy(self) -> bool:
@@ -271,6 +281,18 @@ class PrefectSystem:
                 phases[key].append(value)
         return {k: round(statistics.median(v), 3) for k, v in phases.items() if v}
 
+    async def picked_up_at(self, run_ids: dict[str, UUID | None]) -> dict[str, float]:
+        """When each run went Pending (a worker took it from its queue)."""
+        found = {}
+        for label, run_id in run_ids.items():
+            if run_id is None:
+                continue
+            states = await self.client.read_flow_run_states(run_id)
+            pending = [s.timestamp.timestamp() for s in states if s.type.value == "PENDING"]
+            if pending:
+                found[label] = min(pending)
+        return found
+
     async def stop(self) -> None:
         if self.worker is not None:
             kill_tree(self.worker.process)
@@ -278,6 +300,67 @@ class PrefectSystem:
         if self.client is not None:
             await self.client.__aexit__(None, None, None)
             self.client = None
+
+
+class WarmSystem(PrefectSystem):
+    """The warm lane: its interpreters are always alive, so "busy" means a run is in flight."""
+
+    pool = "warm"
+    lane = "warm"
+
+    def worker_env(self) -> dict[str, str]:
+        return {"TASKSERVER_WARM_PRELOAD": "encoder,flows", "OMP_NUM_THREADS": "1"}
+
+    def busy(self) -> bool:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, WorkPoolFilter, WorkPoolFilterName,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        self._check_alive()
+        with get_client(sync_client=True) as client:
+            return client.count_flow_runs(
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                    any_=[StateType.PENDING, StateType.RUNNING]))),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self.pool])),
+            ) > 0
+
+    async def wait_ready(self, timeout: float = 300) -> None:
+        """Both interpreters loaded (they load the model before their first run)."""
+        log = self.logs / f"{self.name}.log"
+        await wait_for(lambda: log.exists() and log.read_text(errors="replace").count(" ready in ") >= SLOTS,
+                       timeout, f"{self.name}: {SLOTS} warm interpreters")
+
+    async def encode_requests(self, texts: list[str], out_dir: Path) -> dict[str, Any]:
+        """One `encode` flow run per text, all submitted at once (as many clients would)."""
+        deployment = await self.client.read_deployment_by_name("encode/normal")
+        gate = asyncio.Semaphore(2)  # SQLite serialises writes: more concurrent creates only get 503s
+
+        async def one(i: int, text: str) -> UUID:
+            async with gate:
+                run = await self.client.create_flow_run_from_deployment(
+                    deployment.id, parameters={"texts": [text], "ids": [f"r{i}"], "use_cache": False,
+                                               "output": str(out_dir / f"r{i}.npz")})
+                return run.id
+
+        began = time.time()
+        ids = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+        submitted = time.time() - began
+        await wait_for(lambda: len(list(out_dir.glob("r*.npz"))) >= len(texts), 60 + len(texts) * 2,
+                       f"{self.name}: {len(texts)} encode runs", interval=0.5)
+        elapsed = time.time() - began
+        states: dict[str, int] = {}
+        for start in range(0, len(ids), 200):
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            runs = await self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids[start:start + 200])),
+                limit=200, offset=0, sort=__import__("prefect.client.schemas.sorting", fromlist=["x"]).FlowRunSort.ID_DESC)
+            for run in runs:
+                states[run.state_type.value] = states.get(run.state_type.value, 0) + 1
+        return {"requests": len(texts), "seconds": round(elapsed, 2), "submit_seconds": round(submitted, 2),
+                "per_second": round(len(texts) / elapsed, 2), "final_states": states}
 
 
 class RedisServer:
@@ -372,6 +455,23 @@ class CelerySystem:
     async def stages(self, samples: list[dict]) -> dict[str, float]:
         return {}
 
+    async def wait_ready(self, timeout: float = 120) -> None:
+        return None
+
+    async def encode_requests(self, texts: list[str], out_dir: Path) -> dict[str, Any]:
+        """One Celery task per text; each worker process loads the model once, on its first task."""
+        import celery_peer
+
+        began = time.time()
+        for i, text in enumerate(texts):
+            celery_peer.encode_one.apply_async(args=(f"r{i}", text, str(out_dir)), queue="normal")
+        submitted = time.time() - began
+        await wait_for(lambda: len(list(out_dir.glob("r*.npy"))) >= len(texts), 60 + len(texts) * 2,
+                       "celery: encode tasks", interval=0.2)
+        elapsed = time.time() - began
+        return {"requests": len(texts), "seconds": round(elapsed, 2), "submit_seconds": round(submitted, 2),
+                "per_second": round(len(texts) / elapsed, 2)}
+
     async def stop(self) -> None:
         kill_tree(self.worker, grace=10)
         self.worker = None
@@ -379,6 +479,30 @@ class CelerySystem:
 
 
 # -- scenarios ----------------------------------------------------------------------------------
+
+def request_texts(count: int) -> list[str]:
+    """Distinct short texts, like single search queries or ticket titles."""
+    topics = ["invoice", "login", "refund", "shipping", "password", "upgrade", "cancel", "billing",
+              "crash", "export"]
+    verbs = ["fails after", "is slow during", "was charged twice for", "cannot find", "asks about"]
+    return [f"Customer {i}: {verbs[i % len(verbs)]} {topics[(i // 5) % len(topics)]} (ticket {i})"
+            for i in range(count)]
+
+
+def bare_encode_seconds(texts: list[str]) -> dict[str, Any]:
+    """The baseline: the same texts in one batched call of the library, model already loaded."""
+    import torch
+
+    from taskserver import encoding
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    encoding.get_encoder()
+    encoding.encode_texts(texts[:64], [str(i) for i in range(64)], cache=None)  # warm the kernels
+    began = time.perf_counter()
+    encoding.encode_texts(texts, [str(i) for i in range(len(texts))], cache=None)
+    seconds = time.perf_counter() - began
+    return {"requests": len(texts), "seconds": round(seconds, 3), "per_second": round(len(texts) / seconds, 1)}
+
 
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100) of a small sample."""
@@ -421,19 +545,25 @@ async def idle_latency(system, count: int, records: Path) -> dict[str, Any]:
 
 async def backlog(system, scale: Scale, records: Path) -> dict[str, Any]:
     lower = [f"low{i}" for i in range(scale.lows)] + [f"normal{i}" for i in range(scale.normals)]
+    lower_subs = {}
     for label in lower:
-        await system.submit(label, label.rstrip("0123456789"), scale.lower_seconds, records)
+        lower_subs[label] = await system.submit(label, label.rstrip("0123456789"), scale.lower_seconds, records)
     await wait_for(lambda: len(read_starts(records)) >= SLOTS, 120, f"{system.name}: lower runs filling both slots")
     criticals = [f"critical{i}" for i in range(scale.criticals)]
     first_submit = None
     for label in criticals:
         sub = await system.submit(label, "critical", scale.critical_seconds, records)
         first_submit = first_submit or sub.at
-    # Taken once every critical exists: the lower runs whose body has not started are waiting beside them.
+    # Taken once every critical exists: the lower runs whose body has not started are waiting beside
+    # them. On Prefect, a run already picked up (Pending) is no longer waiting in its queue, so the
+    # lower runs that went Pending before the first critical was submitted are left out afterwards.
     waiting = [label for label in lower if label not in read_starts(records)]
     timeout = 60 + 15 * scale.criticals + (30 if system.slow_poll else 0)
     await wait_for(lambda: set(criticals) <= set(read_starts(records)), timeout,
                    f"{system.name}: every critical run to start", interval=0.1)
+    if hasattr(system, "picked_up_at"):
+        picked = await system.picked_up_at({label: lower_subs[label].run_id for label in waiting})
+        waiting = [label for label in waiting if picked.get(label, float("inf")) > first_submit]
     starts = first_starts(records)
     ends = sorted(r["ended"] for r in read_done(records).values() if r["ended"] >= first_submit)
     first_waiting_start = min((starts[x] for x in waiting if x in starts), default=float("inf"))
@@ -487,6 +617,8 @@ async def bench_system(system, scale: Scale, work: Path) -> dict[str, Any]:
     began = time.monotonic()
     try:
         await system.start()
+        if hasattr(system, "wait_ready"):
+            await system.wait_ready()
         await warm_up(system, dirs["warmup"])
         runs = scale.idle_runs_slow_poll if system.slow_poll else scale.idle_runs
         print(f"  [{system.name}] idle latency ({runs} runs)", flush=True)
@@ -498,6 +630,11 @@ async def bench_system(system, scale: Scale, work: Path) -> dict[str, Any]:
         print(f"  [{system.name}] no-op burst ({scale.noop_runs} runs, {cap:.0f}s cap)", flush=True)
         result["noop"] = await noop_throughput(system, scale.noop_runs, cap, dirs["noop"])
         await system.clear(dirs["noop"])
+        if system.name in ENCODE_SYSTEMS and scale.encode_requests:
+            out = work / system.name / "encode"
+            out.mkdir(parents=True, exist_ok=True)
+            print(f"  [{system.name}] {scale.encode_requests} single-text encode requests", flush=True)
+            result["encode"] = await system.encode_requests(request_texts(scale.encode_requests), out)
     except Exception as exc:  # one system failing must not lose the others' figures
         result["error"] = f"{type(exc).__name__}: {exc}"
         print(f"  [{system.name}] FAILED: {result['error']}", flush=True)
@@ -526,6 +663,10 @@ def markdown_table(results: dict[str, dict]) -> str:
         ("priority adherence (criticals before every waiting lower run)",
          lambda r: f"{r['backlog']['adhered']}/{r['backlog']['criticals']}" if "backlog" in r else "-"),
         ("no-op runs per minute (2 slots)", lambda r: _fmt(r.get("noop", {}).get("runs_per_minute"), 1)),
+        ("single-text encode requests per second",
+         lambda r: _fmt(r.get("encode", {}).get("per_second"), 1)),
+        ("... as a share of the bare library's batched throughput",
+         lambda r: f"{r['encode']['ratio_to_bare']:.1%}" if "ratio_to_bare" in r.get("encode", {}) else "-"),
         ("samples: idle / criticals / no-op completed",
          lambda r: "/".join(str(x) for x in (r.get("idle", {}).get("samples", "-"),
                                              r.get("backlog", {}).get("criticals", "-"),
@@ -596,17 +737,31 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if name == "celery":
                 system = CelerySystem(work, logs)
             else:
-                poll = 10 if name == "prefect-10s" else 1
-                worker_type = "taskserver" if name.startswith("taskserver") else "process"
-                system = PrefectSystem(name, server, worker_type, poll, logs)
+                if name == "taskserver-warm":
+                    system = WarmSystem(name, server, "warm", 0.25, logs)
+                else:
+                    poll = 10 if name == "prefect-10s" else 1
+                    worker_type = "taskserver" if name.startswith("taskserver") else "process"
+                    system = PrefectSystem(name, server, worker_type, poll, logs)
             results[name] = await bench_system(system, scale, work)
     finally:
         if server is not None:
             server.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if any(name in ENCODE_SYSTEMS for name in chosen) and scale.encode_requests:
+        print("bare library baseline: the same texts in one batched call", flush=True)
+        bare = bare_encode_seconds(request_texts(scale.encode_requests))
+        for name in ENCODE_SYSTEMS:
+            if "encode" in results.get(name, {}):
+                encoded = results[name]["encode"]
+                encoded["ratio_to_bare"] = round(bare["seconds"] / encoded["seconds"], 4)
+        results_bare = bare
+    else:
+        results_bare = None
     report = {
         "benchmark": "queue",
+        "bare_encode": results_bare,
         "mode": "quick" if args.quick else "full",
         "scale": asdict(scale),
         "slots": SLOTS,
@@ -621,6 +776,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "work_dir": str(work) if args.keep else None,
     }
     report["table_markdown"] = markdown_table(results)
+    if results_bare:
+        report["table_markdown"] += (
+            f"\n\nBare library baseline: {results_bare['requests']} texts in one batched call:"
+            f" {results_bare['seconds']:.2f} s ({results_bare['per_second']:.0f} texts/s).")
     return report
 
 

@@ -49,3 +49,23 @@ def probe(label: str, record_dir: str, seconds: float = 1.0) -> None:
     tmp = directory / f"{label}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, directory / f"{label}.json")
+
+
+_model = None
+
+
+@app.task(name="encode_one")
+def encode_one(request_id: str, text: str, out_dir: str) -> None:
+    """One text to one vector with the same model and library call as taskserver's encode flow;
+    the model is loaded once per worker process (on its first task)."""
+    global _model
+    import numpy as np
+
+    from taskserver import encoding
+
+    if _model is None:
+        _model = encoding.get_encoder()
+    embeddings = encoding.encode_texts([text], [request_id], cache=None)
+    tmp = Path(out_dir) / f"{request_id}.{os.getpid()}.tmp.npy"
+    np.save(tmp, embeddings.vectors)
+    os.replace(tmp, Path(out_dir) / f"{request_id}.npy")

@@ -16,7 +16,11 @@ from typing import Any, Callable, List, Optional
 import typer
 
 from taskserver.errors import TaskserverError
+from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
+
+for _name, _value in CLIENT_ENV.items():  # before Prefect is imported: it reads them once
+    os.environ.setdefault(_name, _value)
 
 app = typer.Typer(
     name="taskserver", no_args_is_help=True, add_completion=False,

@@ -236,6 +236,20 @@ def test_auth_is_on_by_default_and_wired_to_server_workers_and_jobs() -> None:
     assert worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"]["value"] == "ts-taskserver-api-auth"
 
 
+def test_every_prefect_client_retries_through_a_database_outage() -> None:
+    """CLIENT_ENV (taskserver.platform.client_env) reaches every container that talks to the API."""
+    from taskserver.platform.client_env import CLIENT_ENV
+
+    objects = render("default-values.yaml")
+    clients = [(name, {e["name"]: e.get("value") for e in c.get("env", [])})
+               for name, c, _ in containers(objects)
+               if any(e["name"] == "PREFECT_API_URL" for e in c.get("env", []))]
+    assert len(clients) >= 4, [name for name, _ in clients]  # workers, warm worker, recovery, bootstrap
+    for name, env in clients:
+        for key, value in CLIENT_ENV.items():
+            assert env.get(key) == value, (name, key)
+
+
 def test_worker_roles_grant_only_what_the_worker_uses() -> None:
     for role in of_kind(render("default-values.yaml"), "Role"):
         granted = {(rule["apiGroups"][0], resource): set(rule["verbs"]) for rule in role["rules"] for resource in rule["resources"]}

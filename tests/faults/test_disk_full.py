@@ -114,6 +114,26 @@ def test_process_pdfs_fails_naming_the_full_disk_and_keeps_earlier_results(small
     assert documents.load_chunks(str(out / "earlier.chunks.jsonl")) == documents.process_pdf(earlier_pdf).chunks
 
 
+def test_process_pdfs_disk_full_after_the_elements_leaves_no_half_result(small_disk, tmp_path, data_dir):
+    """Room for the elements file but not the chunks file: the elements must not stay behind alone."""
+    from taskserver import documents
+    from taskserver.flows.pdfs import process_pdfs
+
+    pdf = pdf_factory.text_pdf(tmp_path / "doc.pdf", pages=3, seed=9)
+    sizes = tmp_path / "sizes"
+    documents.save_result(documents.process_pdf(pdf), str(sizes))
+    pages = {kind: -(-(sizes / f"doc.{kind}.jsonl").stat().st_size // 4096) for kind in ("elements", "chunks")}
+    out = small_disk / "chunks"
+    out.mkdir()
+    _fill(small_disk, leave=(pages["elements"] + pages["chunks"] - 1) * 4096)  # tmpfs allocates 4 kB pages
+
+    state = process_pdfs(inputs=[str(pdf)], output_dir=str(out), workers=1, return_state=True)
+
+    assert state.is_failed()
+    assert f"{out}/doc.chunks.jsonl: no space left on the device" in state.message, state.message
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 def test_storage_full_names_a_half_written_result_without_leaving_it(small_disk, data_dir):
     """The library path the flows use: an interrupted atomic write leaves neither file nor temp."""
     from taskserver import storage

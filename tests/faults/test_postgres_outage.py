@@ -143,8 +143,6 @@ async def _pool_of(deployment: str) -> str:
         return (await client.read_deployment_by_name(deployment)).work_pool_name
 
 
-@pytest.mark.xfail(strict=True, reason="the local stack does not yet give its clients CLIENT_RETRY_ENV "
-                   "(platform/localstack.py belongs to the lead; see the report)")
 def test_local_stack_gives_its_workers_the_outage_tolerant_client_settings(tmp_path):
     from taskserver.platform import localstack
 

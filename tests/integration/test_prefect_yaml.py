@@ -6,8 +6,8 @@ import subprocess
 
 from platform_support import BIN, REPO, PrefectServer, base_env, run
 
-from taskserver.platform.priorities import PRIORITIES
-from taskserver.platform.tasks import POOLS, TASKS
+from taskserver.platform.deployments import deployment_specs
+from taskserver.platform.tasks import ALL_POOLS
 
 
 async def _deployments():
@@ -25,7 +25,7 @@ def test_deploy_all_creates_every_flow_priority_deployment(tmp_path, monkeypatch
     server = PrefectServer(tmp_path / "server", f"sqlite+aiosqlite:///{tmp_path / 'server' / 'prefect.db'}").start()
     try:
         env = base_env(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(tmp_path / "prefect-home"))
-        for pool in POOLS:  # `prefect deploy` needs the pools; the bootstrap normally makes them
+        for pool in ALL_POOLS:  # `prefect deploy` needs the pools; the bootstrap normally makes them
             subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool.name, "--type", "process"],
                            env=env, check=True, capture_output=True, timeout=120)
         done = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
@@ -37,13 +37,12 @@ def test_deploy_all_creates_every_flow_priority_deployment(tmp_path, monkeypatch
 
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             deployments = run(_deployments())
-        expected = {f"{task.name}/{level.name}" for task in TASKS for level in PRIORITIES}
-        assert expected <= set(deployments)
-        for task in TASKS:
-            for level in PRIORITIES:
-                deployment = deployments[f"{task.name}/{level.name}"]
-                assert deployment.work_pool_name == task.pool.name
-                assert deployment.work_queue_name == level.work_queue
-                assert deployment.job_variables["priority_class_name"] == level.priority_class_name
+        specs = deployment_specs()
+        assert {spec.full_name for spec in specs} <= set(deployments)
+        for spec in specs:
+            deployment = deployments[spec.full_name]
+            assert deployment.work_pool_name == spec.pool.name, spec.full_name
+            assert deployment.work_queue_name == spec.priority.work_queue
+            assert deployment.job_variables == spec.job_variables
     finally:
         server.stop()

@@ -8,14 +8,14 @@ from taskserver.platform.bootstrap import (
     DEFAULT_QUEUE, DEFAULT_QUEUE_PRIORITY, ZOMBIE_AUTOMATION, bootstrap, platform_state, read_queues,
 )
 from taskserver.platform.priorities import PRIORITIES
-from taskserver.platform.tasks import DIAGNOSTIC_TASKS, POOLS
+from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS
 
 from platform_support import run
 
 
 async def _queues() -> dict[str, dict[str, int]]:
     async with get_client() as client:
-        return {pool.name: {q.name: q.priority for q in await read_queues(client, pool.name)} for pool in POOLS}
+        return {pool.name: {q.name: q.priority for q in await read_queues(client, pool.name)} for pool in ALL_POOLS}
 
 
 async def _state() -> dict:
@@ -25,7 +25,7 @@ async def _state() -> dict:
 
 def test_every_pool_has_the_priority_queues_with_exact_priorities(prefect_server):
     wanted = {level.work_queue: level.queue_priority for level in PRIORITIES} | {DEFAULT_QUEUE: DEFAULT_QUEUE_PRIORITY}
-    assert run(_queues()) == {pool.name: wanted for pool in POOLS}
+    assert run(_queues()) == {pool.name: wanted for pool in ALL_POOLS}
 
 
 def test_bootstrap_repairs_shifted_priorities_and_a_second_run_changes_nothing(prefect_server):

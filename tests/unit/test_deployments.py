@@ -8,7 +8,8 @@ import yaml
 
 from taskserver.platform.deployments import code_dir, render_prefect_yaml
 from taskserver.platform.priorities import PRIORITIES
-from taskserver.platform.tasks import TASKS
+from taskserver.platform.routing import deployment_name
+from taskserver.platform.tasks import JOB_LANE, TASKS, WARM_LANE, WARM_POOL
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,23 +24,36 @@ def test_committed_prefect_yaml_is_what_the_generator_writes():
     )
 
 
-def test_one_deployment_per_task_and_priority_in_the_right_pool_and_queue():
-    found = {(d["flow_name"], d["name"]): d for d in _document()["deployments"]}
-    assert len(found) == len(TASKS) * len(PRIORITIES)
+def test_one_deployment_per_task_lane_and_priority_in_the_right_pool_and_queue():
+    found = {f'{d["flow_name"]}/{d["name"]}': d for d in _document()["deployments"]}
+    assert len(found) == sum(len(task.lanes) for task in TASKS) * len(PRIORITIES)
     for task in TASKS:
-        for level in PRIORITIES:
-            deployment = found[(task.name, level.name)]
-            assert deployment["entrypoint"] == task.entrypoint
-            assert deployment["work_pool"]["name"] == task.pool.name
-            assert deployment["work_pool"]["work_queue_name"] == level.work_queue
-            assert deployment["work_pool"]["job_variables"]["priority_class_name"] == level.priority_class_name
+        for lane in task.lanes:
+            for level in PRIORITIES:
+                deployment = found[deployment_name(task, level.name, lane)]
+                assert deployment["entrypoint"] == task.entrypoint
+                assert deployment["work_pool"]["work_queue_name"] == level.work_queue
+                assert f"lane:{lane}" in deployment["tags"]
+                if lane == JOB_LANE:
+                    assert deployment["work_pool"]["name"] == task.pool.name
+                    variables = deployment["work_pool"]["job_variables"]
+                    assert variables["priority_class_name"] == level.priority_class_name
+                    assert variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+                else:  # the warm worker emits heartbeats itself and starts no pods
+                    assert deployment["work_pool"]["name"] == WARM_POOL.name
+                    assert deployment["work_pool"]["job_variables"] == {}
 
 
-def test_training_and_inference_go_to_the_gpu_pool_and_the_rest_to_cpu():
-    pools = {d["flow_name"]: d["work_pool"]["name"] for d in _document()["deployments"]}
-    assert {name for name, pool in pools.items() if pool == "gpu"} == {"train", "infer"}
-    assert {name for name, pool in pools.items() if pool == "cpu"} == {
-        "encode", "process-pdfs", "cluster", "ingest-documents"}
+def test_small_request_tasks_default_to_the_warm_lane_and_heavy_ones_stay_on_jobs():
+    default_pool = {d["flow_name"]: d["work_pool"]["name"] for d in _document()["deployments"]
+                    if d["name"] == "normal"}
+    assert default_pool == {"encode": "warm", "process-pdfs": "warm", "infer": "warm",
+                            "cluster": "cpu", "train": "gpu", "ingest-documents": "cpu"}
+    job_twins = {d["flow_name"]: d["work_pool"]["name"] for d in _document()["deployments"]
+                 if d["name"] == "normal-job"}
+    assert job_twins == {"encode": "cpu", "process-pdfs": "cpu", "infer": "gpu"}
+    assert not [d for d in _document()["deployments"] if d["name"].endswith("-warm")]
+    assert {task.name for task in TASKS if WARM_LANE in task.lanes} == set(job_twins)
 
 
 def test_only_schedule_is_an_inactive_nightly_retrain():
@@ -57,3 +71,8 @@ def test_deploys_offline_without_build_or_push_and_pulls_by_working_directory():
 
 def test_entrypoints_resolve_against_the_checkout():
     assert (code_dir() / "src" / "taskserver" / "__init__.py").exists()
+
+
+def test_every_deployment_has_its_own_full_name():
+    names = [f'{d["flow_name"]}/{d["name"]}' for d in _document()["deployments"]]
+    assert len(names) == len(set(names))

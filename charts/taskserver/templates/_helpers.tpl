@@ -94,6 +94,10 @@ capabilities:
   value: /tmp/prefect
 - name: DO_NOT_TRACK
   value: "true"
+{{- range $name, $value := (include "taskserver.platform" . | fromJson).clientEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
 {{- if .Values.auth.enabled }}
 - name: PREFECT_API_AUTH_STRING
   valueFrom:

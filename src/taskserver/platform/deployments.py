@@ -58,7 +58,7 @@ class DeploymentSpec:
 
     @property
     def full_name(self) -> str:
-        return f"{self.task.name}/{self.priority.name}"
+        return f"{self.task.name}/{self.name}"
 
     @property
     def pool(self) -> Pool:

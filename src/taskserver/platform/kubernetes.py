@@ -33,6 +33,7 @@ from taskserver.platform.priorities import (
     PriorityLevel,
     get_priority,
 )
+from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.tasks import POOLS, Pool, TaskType
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -329,7 +330,7 @@ def _variables(pool: Pool, options: PoolJobOptions, upstream: dict[str, Any]) ->
         "backoff_limit": 0,
         "finished_job_ttl": options.finished_job_ttl,
         "pod_watch_timeout_seconds": options.pod_watch_timeout_seconds,
-        "env": dict(options.env),
+        "env": {**CLIENT_ENV, **options.env},
         "priority_class_name": get_priority(options.priority).priority_class_name,
         "node_selector": dict(options.node_selector),
         "tolerations": [t.manifest() for t in options.tolerations],
@@ -485,6 +486,8 @@ def platform_document() -> dict[str, Any]:
         "warmPool": {"name": WARM_POOL.name, "workerType": WARM_POOL.worker_type},
         # Prefect results under the shared data location, as SharedData.env() gives jobs.
         "resultsDirname": storage.RESULTS_DIRNAME,
+        # Given to every Prefect client container (taskserver.clientEnv in _helpers.tpl).
+        "clientEnv": dict(CLIENT_ENV),
         "runAsUser": RUN_AS_USER,
         "jobOptionsEnv": JOB_OPTIONS_ENV,
     }

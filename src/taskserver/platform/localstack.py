@@ -20,6 +20,7 @@ from pathlib import Path
 
 from taskserver import storage
 from taskserver.errors import TaskserverError
+from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, Pool
 from taskserver.platform.worker import WORKER_TYPE
@@ -74,8 +75,13 @@ def stack_paths(home: Path | None = None) -> StackPaths:
     return StackPaths((home or get_settings().home).expanduser().resolve())
 
 
+RECOVERY = "recovery"
+RECOVERY_INTERVAL_SECONDS = 15
+
+
 def components() -> list[str]:
-    return ["server"] + [f"worker-{pool.name}" for pool in ALL_POOLS]
+    """Started in this order, stopped in reverse."""
+    return ["server"] + [f"worker-{pool.name}" for pool in ALL_POOLS] + [RECOVERY]
 
 
 def _worker_argv(pool: Pool, slots: int) -> tuple[list[str], str]:
@@ -174,6 +180,7 @@ def _base_env(paths: StackPaths) -> dict[str, str]:
             "DO_NOT_TRACK": "true",
             CODE_DIR_ENV: str(code_dir()),
             "TASKSERVER_HOME": str(paths.home),
+            **CLIENT_ENV,
         }
     )
     env.pop("PREFECT_API_URL", None)
@@ -271,6 +278,11 @@ def up(
     echo(f"workers started: {job_pools} ({slots} slots each, polling every {POLL_SECONDS}s);"
          f" warm lane {warm_pools} ({warm_slots} warm interpreters, polling every {WARM_POLL_SECONDS}s;"
          " ready once the model is loaded)")
+    # Reschedules runs whose process, worker or node was lost (taskserver.platform.recovery).
+    _spawn(paths, RECOVERY,
+           [sys.executable, "-m", "taskserver.platform.recovery", "--interval", str(RECOVERY_INTERVAL_SECONDS)],
+           worker_env, "taskserver.platform.recovery")
+    echo(f"recovery: lost runs are rescheduled (checked every {RECOVERY_INTERVAL_SECONDS}s)")
     echo(f"Prefect UI: {ui}")
     echo(f"use it with: export PREFECT_API_URL={url}")
     return StackInfo(api_url=url, ui_url=ui, database_url=db_url, home=paths.home)

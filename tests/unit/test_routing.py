@@ -1,0 +1,124 @@
+"""Lane routing and the warm pool's lease order, without a server."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from uuid import uuid4
+
+import anyio
+import pytest
+
+from taskserver.errors import ParameterError
+from taskserver.platform.routing import WARM_INPUT_LIMIT_BYTES, choose_lane, deployment_name, input_bytes
+from taskserver.platform.tasks import get_task
+from taskserver.platform.warm import InterpreterPool
+
+
+def test_small_encode_goes_warm_and_large_inputs_go_to_jobs(tmp_path):
+    assert choose_lane("encode", {"texts": ["one short text"]}) == "warm"
+    big = tmp_path / "texts.txt"
+    big.write_bytes(b"x" * (WARM_INPUT_LIMIT_BYTES + 1))
+    assert input_bytes({"input_path": str(big)}) > WARM_INPUT_LIMIT_BYTES
+    assert choose_lane("encode", {"input_path": str(big)}) == "job"
+    # Relative paths resolve against the data dir, as the flows resolve them.
+    assert choose_lane("encode", {"input_path": "texts.txt"}, data_dir=str(tmp_path)) == "job"
+    assert choose_lane("cluster", {"input_path": "x.npz"}) == "job"
+
+
+def test_a_submitter_can_override_the_lane_but_not_put_training_on_it():
+    assert choose_lane("encode", {"texts": ["a"]}, "job") == "job"
+    assert choose_lane("process-pdfs", {}, "warm") == "warm"
+    with pytest.raises(ParameterError, match="only runs on Jobs"):
+        choose_lane("train", {}, "warm")
+    with pytest.raises(ParameterError, match="unknown lane"):
+        choose_lane("encode", {}, "tepid")
+
+
+def test_deployment_names_follow_the_default_lane():
+    assert deployment_name(get_task("encode"), "high", "warm") == "encode/high"
+    assert deployment_name(get_task("encode"), "high", "job") == "encode/high-job"
+    assert deployment_name(get_task("train"), "low", "job") == "train/low"
+
+
+class FakeInterpreter(SimpleNamespace):
+    alive = True
+    runs = 0
+    rss_mb = 0.0
+
+
+def _pool(size: int = 1) -> tuple[InterpreterPool, list[FakeInterpreter]]:
+    pool = InterpreterPool(size, {}, max_runs=100, max_rss_mb=1e9, logger=logging.getLogger("test"))
+    interpreters = [FakeInterpreter(pid=1000 + i, number=i) for i in range(size)]
+    pool._idle.extend(interpreters)
+    return pool, interpreters
+
+
+def test_a_freed_interpreter_goes_to_the_highest_priority_waiter_then_first_come():
+    async def scenario() -> list[str]:
+        pool, _ = _pool(1)
+        order: list[str] = []
+
+        async def job(name: str, priority: int, delay: float) -> None:
+            await anyio.sleep(delay)
+            async with pool.lease(priority):
+                order.append(name)
+                await anyio.sleep(0.05)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(job, "first-low", 4, 0)
+            group.start_soon(job, "normal-a", 3, 0.01)
+            group.start_soon(job, "low", 4, 0.01)
+            group.start_soon(job, "normal-b", 3, 0.02)
+            group.start_soon(job, "critical", 1, 0.03)
+        return order
+
+    assert anyio.run(scenario) == ["first-low", "critical", "normal-a", "normal-b", "low"]
+
+
+def test_an_announced_higher_priority_run_is_not_overtaken_while_it_gets_ready():
+    """A run picked up but still in Prefect's pre-run API calls keeps its place."""
+
+    async def scenario() -> list[str]:
+        pool, _ = _pool(1)
+        critical = uuid4()
+        pool.announce(critical, 1)
+        order: list[str] = []
+
+        async def job(name: str, priority: int, run_id, delay: float) -> None:
+            await anyio.sleep(delay)
+            async with pool.lease(priority, run_id):
+                order.append(name)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(job, "low", 4, None, 0)  # asks first, but a critical was announced
+            group.start_soon(job, "critical", 1, critical, 0.2)
+        return order
+
+    assert anyio.run(scenario) == ["critical", "low"]
+
+
+def test_interpreters_are_recycled_by_runs_and_by_memory():
+    async def scenario() -> tuple[int, int]:
+        pool, (interpreter,) = _pool(1)
+        pool.max_runs, pool.max_rss_mb = 2, 500.0
+        spawned = []
+        pool._spawn = lambda: spawned.append(1)  # no real process in a unit test
+        stopped = []
+
+        async def stop() -> None:
+            stopped.append(interpreter.pid)
+
+        interpreter.stop = stop
+        async with anyio.create_task_group() as group:
+            pool._group = group
+            pool._idle.clear()  # leased
+            interpreter.runs = 1
+            pool._give_back(interpreter)  # under both bounds: back to idle
+            assert pool._idle == [interpreter]
+            pool._idle.clear()
+            interpreter.rss_mb = 600.0
+            pool._give_back(interpreter)  # over the memory bound: replaced
+        return len(spawned), pool.recycled
+
+    assert anyio.run(scenario) == (1, 1)
