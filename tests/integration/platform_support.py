@@ -104,9 +104,9 @@ class WorkerProcess:
         env = base_env(PREFECT_API_URL=self.api_url, PREFECT_WORKER_QUERY_SECONDS=self.poll_seconds, **self.env)
         name = f"test-{self.pool}-{os.getpid()}-{time.monotonic_ns()}"
         if self.worker_type == "taskserver":
-            argv = [sys.executable, "-m", "taskserver.platform.worker", self.pool, str(self.slots), name]
+            argv = [sys.executable, "-m", "taskserver.platform.serve", self.pool, str(self.slots), name]
         elif self.worker_type == "warm":  # the warm lane's worker, as `taskserver up` runs it
-            argv = [sys.executable, "-m", "taskserver.platform.worker", self.pool, str(self.slots), name]
+            argv = [sys.executable, "-m", "taskserver.platform.serve", self.pool, str(self.slots), name]
         else:  # Prefect's stock process worker
             argv = [str(BIN / "prefect"), "worker", "start", "--pool", self.pool, "--type", "process",
                     "--limit", str(self.slots), "--name", name]

@@ -270,3 +270,18 @@ def test_a_warm_run_is_observable_like_a_job_run(warm, records):
     states, logs = wait_until(ready, 60, "the run's logs to arrive")
     assert states[0] == "SCHEDULED" and "PENDING" in states and "RUNNING" in states and states[-1] == "COMPLETED"
     assert any("Beginning flow run" in m for m in logs)
+
+
+def test_two_warm_workers_share_the_queues_without_stalling(start_worker, records):
+    """Regression: with two workers, runs one worker announced but the other took must not hold
+    the first worker's interpreters back (that stalled the lane for good)."""
+    assert run(_delete_unfinished_runs()) >= 0
+    items = [(f"probe/{level}-warm", probe_params(f"{level}-{i}", records, 0.2))
+             for i in range(8) for level in ("low", "normal", "high")]
+    ids = run(_create_many(items))
+    for _ in range(2):
+        start_worker("warm", slots=2, env={"TASKSERVER_WARM_PRELOAD": "flows"})
+    states = _wait_final(ids, 300)
+    assert {s.state.type.value for s in states.values()} == {"COMPLETED"}
+    assert all(len(rows) == 1 for rows in read_starts(records).values())
+    assert len(read_starts(records)) == len(items)

@@ -98,6 +98,33 @@ def test_an_announced_higher_priority_run_is_not_overtaken_while_it_gets_ready()
     assert anyio.run(scenario) == ["critical", "low"]
 
 
+def test_waiters_of_the_same_priority_do_not_block_each_other_once_an_announcement_lapses():
+    """Regression: two equal-priority waiters each saw the other "ahead" and neither took the
+    idle interpreter, forever, after the run announced ahead of them never came."""
+
+    async def scenario() -> list[str]:
+        pool, _ = _pool(1)
+        ghost = uuid4()
+        pool.announce(ghost, 1)  # picked up, then taken by another worker: it never asks
+        coming = {ghost}
+        pool.still_coming = lambda run_id: run_id in coming
+        order: list[str] = []
+
+        async def job(name: str) -> None:
+            async with pool.lease(3):
+                order.append(name)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(job, "a")
+                group.start_soon(job, "b")
+                await anyio.sleep(0.2)
+                coming.clear()  # the worker's submission of the ghost was aborted
+        return order
+
+    assert anyio.run(scenario) == ["a", "b"]
+
+
 def test_interpreters_are_recycled_by_runs_and_by_memory():
     async def scenario() -> tuple[int, int]:
         pool, (interpreter,) = _pool(1)

@@ -86,7 +86,7 @@ def components() -> list[str]:
 
 def _worker_argv(pool: Pool, slots: int) -> tuple[list[str], str]:
     """The command that serves ``pool`` locally, and the marker that finds it in /proc."""
-    module = "taskserver.platform.worker"  # serves the warm pool with the warm lane's worker
+    module = "taskserver.platform.serve"  # the warm pool gets the warm lane's worker
     return [sys.executable, "-m", module, pool.name, str(slots), f"local-{pool.name}"], f"{module} {pool.name}"
 
 

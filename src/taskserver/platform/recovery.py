@@ -212,6 +212,78 @@ async def reschedule_lost_runs(
     return done
 
 
+STRANDED_PENDING_AFTER = timedelta(seconds=60)
+"""A warm-lane run Pending this long, whose worker is gone, is put back in its queue."""
+WORKER_GONE_AFTER = timedelta(seconds=90)
+"""A worker that has not heartbeated for this long (3 x Prefect's default 30 s) is gone."""
+WORKER_NAME_LABEL = "prefect.worker.name"
+
+
+def warm_pools() -> list[str]:
+    """Pools whose worker runs the flows in its own processes (interpreters die with it)."""
+    return [pool.name for pool in ALL_POOLS if pool.worker_type]
+
+
+async def requeue_stranded_pending(
+    client: PrefectClient,
+    *,
+    pools: list[str] | None = None,
+    stale_after: timedelta = STRANDED_PENDING_AFTER,
+    worker_gone_after: timedelta = WORKER_GONE_AFTER,
+) -> list[UUID]:
+    """Put back in their queue the Pending runs of a warm pool whose worker is gone.
+
+    Pending means no body ran yet, and a warm worker's interpreters die with it, so nothing can
+    still start the run: a worker killed while its interpreters were loading leaves such runs,
+    which neither the zombie automation (no heartbeat yet) nor the worker itself would recover.
+    Job pools are left alone: a Kubernetes Job outlives its worker and may still start.
+    """
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+    from prefect.states import Scheduled
+
+    pools = pools if pools is not None else warm_pools()
+    if not pools:
+        return []
+    now = datetime.now(timezone.utc)
+    pending = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING])),
+            deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+        ),
+        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=pools)),
+        sort=FlowRunSort.ID_DESC, limit=PAGE_SIZE, offset=0,
+    )
+    heartbeats: dict[str, dict[str, datetime | None]] = {}
+    requeued: list[UUID] = []
+    for flow_run in pending:
+        state = flow_run.state
+        if state is None or state.timestamp is None or now - state.timestamp < stale_after:
+            continue
+        pool = flow_run.work_pool_name or ""
+        if pool not in heartbeats:
+            workers = await client.read_workers_for_work_pool(pool, limit=200, offset=0)
+            heartbeats[pool] = {w.name: w.last_heartbeat_time for w in workers}
+        worker = (flow_run.labels or {}).get(WORKER_NAME_LABEL)
+        last = heartbeats[pool].get(worker) if worker else None
+        if last is not None and now - last < worker_gone_after:
+            continue  # its worker is alive: it is waiting for an interpreter
+        current = await client.read_flow_run(flow_run.id)
+        if current.state is None or current.state.id != state.id:
+            continue
+        proposed = Scheduled(
+            scheduled_time=now,
+            message=f"{RESCHEDULE_MESSAGE_PREFIX}: stranded Pending, its worker {worker or '?'} is gone",
+        )
+        proposed.state_details.transition_id = _transition_id(flow_run.id, state.id)
+        result = await client.set_flow_run_state(flow_run.id, proposed, force=True)
+        if result.status.value == "ACCEPT":
+            log.warning("Requeued flow run %s (%s) in %s/%s: Pending since %s, worker %s gone",
+                        flow_run.name, flow_run.id, pool, flow_run.work_queue_name, state.timestamp,
+                        worker or "?")
+            requeued.append(flow_run.id)
+    return requeued
+
+
 async def serve(
     interval: float = DEFAULT_INTERVAL_SECONDS,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
@@ -228,6 +300,8 @@ async def serve(
             async with get_client() as client:
                 await reschedule_lost_runs(client, max_attempts=max_attempts, lookback=lookback,
                                            pools=pools, exhausted=exhausted)
+                await requeue_stranded_pending(
+                    client, pools=[p for p in warm_pools() if pools is None or p in pools])
         except Exception as exc:  # noqa: BLE001 - a server restart must not stop the service
             if once:
                 raise

@@ -12,8 +12,9 @@ worker does, and a fresh interpreter replaces it. An interpreter is recycled aft
 ``TASKSERVER_WARM_MAX_RUNS`` runs or once its RSS passes ``TASKSERVER_WARM_MAX_RSS_MB``.
 
 Heartbeats: the runs' own heartbeat thread costs ~1 s at the end of every run (it sleeps in
-1 s steps and is joined), so interpreters run without it and this worker emits the
-``prefect.flow-run.heartbeat`` events of the runs it executes. The zombie automation works
+1 s steps and is joined), so interpreters run without it: each run's first
+``prefect.flow-run.heartbeat`` comes from an ``on_running`` hook in its interpreter, the
+following ones from this worker, every 30 s. The zombie automation works
 as on the job lane: if the worker dies, its interpreters die with it and the heartbeats stop.
 """
 
@@ -30,7 +31,7 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 from uuid import UUID
 
 import anyio
@@ -196,6 +197,8 @@ class InterpreterPool:
         self._group: anyio.abc.TaskGroup | None = None
         self._starting = 0
         self._announced: dict[UUID, tuple[int, float]] = {}
+        self.still_coming: Callable[[UUID], bool] = lambda run_id: True
+        """Whether an announced run is still on its way to ``lease`` (the worker knows)."""
 
     async def open(self, group: anyio.abc.TaskGroup) -> None:
         self._group = group
@@ -235,7 +238,7 @@ class InterpreterPool:
     def _best_announced(self, exclude: UUID | None = None) -> int:
         now = time.monotonic()
         for run_id, (_, expires) in list(self._announced.items()):
-            if expires < now:
+            if expires < now or not self.still_coming(run_id):
                 del self._announced[run_id]
         return min((p for r, (p, _) in self._announced.items() if r != exclude),
                    default=_UNKNOWN_QUEUE_PRIORITY + 1)
@@ -270,7 +273,7 @@ class InterpreterPool:
         sequence = next(self._sequence)  # kept across re-checks: first come, first served
         while True:
             waiter = self._best_waiter()
-            if self._idle and (waiter is None or waiter.priority > priority) \
+            if self._idle and (waiter is None or (waiter.priority, waiter.sequence) > (priority, sequence)) \
                     and self._best_announced() >= priority:
                 return self._idle.pop()
             waiter = _Waiter(priority, sequence)
@@ -321,6 +324,28 @@ class InterpreterPool:
                 group.start_soon(interpreter.stop)
 
 
+def emit_run_heartbeat(flow_run: FlowRun) -> None:
+    """The ``prefect.flow-run.heartbeat`` event Prefect's engine would emit for this run."""
+    related = []
+    if flow_run.flow_id:
+        related.append({"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}",
+                        "prefect.resource.role": "flow"})
+    if flow_run.deployment_id:
+        related.append({"prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
+                        "prefect.resource.role": "deployment"})
+    for tag in flow_run.tags or []:
+        related.append({"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"})
+    emit_event(
+        event="prefect.flow-run.heartbeat",
+        resource={
+            "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
+            "prefect.resource.name": flow_run.name or "",
+            "prefect.version": prefect_version,
+        },
+        related=related,
+    )
+
+
 def interpreter_env(base: dict[str, str] | None = None, threads: int = 1) -> dict[str, str]:
     """The interpreters' environment: the worker's, without the per-run heartbeat thread."""
     env = dict(os.environ if base is None else base)
@@ -355,6 +380,9 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             size, interpreter_env(threads=threads), settings.warm_max_runs,
             settings.warm_max_rss_mb, self._logger,
         )
+        # A run the base class is still submitting (Pending proposal, configuration) is on its
+        # way to run(); one whose submission was aborted (another worker took it) is not.
+        self._pool.still_coming = lambda run_id: run_id in self._submitting_flow_run_ids
         self._queue_priorities: dict[str, int] = {}
         self._in_flight: dict[UUID, FlowRun] = {}
         self._hostname = socket.gethostname()
@@ -399,8 +427,10 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
             identifier = f"{self._hostname}:{interpreter.pid}"
             if task_status is not None:
                 task_status.started(identifier)
+            # The first heartbeat comes from the interpreter once the run is Running (a heartbeat
+            # before Running would be answered by the Running event itself and arm nothing);
+            # this worker sends the ones after, every HEARTBEAT_SECONDS.
             self._in_flight[flow_run.id] = flow_run
-            self._emit_heartbeat(flow_run)
             try:
                 outcome = await interpreter.execute(flow_run.id, dict(configuration.env))
             except InterpreterLost as lost:
@@ -442,25 +472,8 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
                 self._emit_heartbeat(flow_run)
 
     def _emit_heartbeat(self, flow_run: FlowRun) -> None:
-        related = []
-        if flow_run.flow_id:
-            related.append({"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}",
-                            "prefect.resource.role": "flow"})
-        if flow_run.deployment_id:
-            related.append({"prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
-                            "prefect.resource.role": "deployment"})
-        for tag in flow_run.tags or []:
-            related.append({"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"})
         try:
-            emit_event(
-                event="prefect.flow-run.heartbeat",
-                resource={
-                    "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
-                    "prefect.resource.name": flow_run.name or "",
-                    "prefect.version": prefect_version,
-                },
-                related=related,
-            )
+            emit_run_heartbeat(flow_run)
         except Exception:  # a missed heartbeat is what the zombie automation tolerates
             self._logger.debug("Failed to emit a heartbeat", exc_info=True)
 
@@ -470,7 +483,7 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``POOL INTERPRETERS [NAME]``: what ``python -m taskserver.platform.worker warm N`` runs.
+    """``POOL INTERPRETERS [NAME]``: what ``python -m taskserver.platform.serve warm N`` runs.
 
     (Not ``python -m`` this module: as ``__main__`` it would register the worker type twice.)
     """

@@ -48,6 +48,8 @@ def preload(names: list[str]) -> None:
     import prefect.flow_engine  # noqa: F401
     import prefect.flows  # noqa: F401
 
+    import taskserver.platform.warm  # noqa: F401  (the heartbeat hook's module)
+
     unknown = sorted(set(names) - set(PRELOADS))
     if unknown:
         print(f"warm interpreter: ignoring unknown preloads {unknown}; known: {list(PRELOADS)}",
@@ -111,10 +113,18 @@ class FlowLoader:
         key = flow_run.deployment_id
         if key is None or key not in self._flows:
             flow = run_coro_as_sync(load_flow_from_flow_run(flow_run, use_placeholder_flow=False))
+            flow = flow.with_options(on_running=[*flow.on_running_hooks, _first_heartbeat])
             if key is None:
                 return flow
             self._flows[key] = flow
         return self._flows[key]
+
+
+def _first_heartbeat(flow: Any, flow_run: Any, state: Any) -> None:
+    """Arms the zombie automation as soon as the run is Running; the worker sends the rest."""
+    from taskserver.platform.warm import emit_run_heartbeat
+
+    emit_run_heartbeat(flow_run)
 
 
 def execute(flow_run_id: UUID, env: dict[str, str | None], loader: FlowLoader) -> str:

@@ -154,7 +154,7 @@ class PriorityProcessWorker(ProcessWorker):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m taskserver.platform.worker POOL LIMIT [NAME]``: what the local stack runs.
+    """``POOL LIMIT [NAME]``: what ``python -m taskserver.platform.serve`` (the local stack) runs.
 
     The warm pool gets the warm lane's worker (LIMIT = its interpreters), any other pool this one.
     """
@@ -169,10 +169,6 @@ def main(argv: list[str] | None = None) -> None:
     name = args[2] if len(args) > 2 else None
     worker = PriorityProcessWorker(work_pool_name=pool, limit=limit, name=name, create_pool_if_not_found=False)
     anyio.run(worker.start)
-
-
-if __name__ == "__main__":
-    main()
 
 
 # The prefect.collections entry point imports this module; importing the warm lane here
