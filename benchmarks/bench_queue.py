@@ -709,6 +709,10 @@ def versions() -> dict[str, str]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     scale = QUICK if args.quick else FULL
+    if args.encode_requests is not None:
+        from dataclasses import replace
+
+        scale = replace(scale, encode_requests=args.encode_requests)
     chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown:
@@ -789,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON results go")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, records)")
+    parser.add_argument("--encode-requests", type=int, default=None,
+                        help="single-text encode requests (default: 200 quick, 1000 full; 0 skips)")
     args = parser.parse_args(argv)
 
     def _interrupted(signum, _frame):  # run the finally blocks that stop every process
