@@ -334,18 +334,27 @@ class WarmSystem(PrefectSystem):
 
     async def encode_requests(self, texts: list[str], out_dir: Path) -> dict[str, Any]:
         """One `encode` flow run per text, all submitted at once (as many clients would)."""
+        from prefect.exceptions import PrefectHTTPStatusError
+
         deployment = await self.client.read_deployment_by_name("encode/normal")
-        gate = asyncio.Semaphore(2)  # SQLite serialises writes: more concurrent creates only get 503s
 
         async def one(i: int, text: str) -> UUID:
-            async with gate:
-                run = await self.client.create_flow_run_from_deployment(
-                    deployment.id, parameters={"texts": [text], "ids": [f"r{i}"], "use_cache": False,
-                                               "output": str(out_dir / f"r{i}.npz")})
-                return run.id
+            # One client submitting in a loop. On SQLite a create can still lose the write lock to
+            # the runs being processed ("database is locked" -> 503 after the client's own retries).
+            for attempt in range(5):
+                try:
+                    run = await self.client.create_flow_run_from_deployment(
+                        deployment.id, parameters={"texts": [text], "ids": [f"r{i}"], "use_cache": False,
+                                                   "output": str(out_dir / f"r{i}.npz")})
+                    return run.id
+                except PrefectHTTPStatusError as exc:
+                    if exc.response.status_code != 503 or attempt == 4:
+                        raise
+                    await asyncio.sleep(1 + attempt)
+            raise AssertionError("unreachable")
 
         began = time.time()
-        ids = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+        ids = [await one(i, t) for i, t in enumerate(texts)]
         submitted = time.time() - began
         await wait_for(lambda: len(list(out_dir.glob("r*.npz"))) >= len(texts), 60 + len(texts) * 2,
                        f"{self.name}: {len(texts)} encode runs", interval=0.5)

@@ -38,18 +38,16 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prefect import __version__ as prefect_version
-from prefect.client.schemas.filters import WorkQueueFilter
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
+from taskserver.platform.deployments import HEARTBEAT_SECONDS  # as the job lane's runs
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.tasks import WARM_WORKER_TYPE
 from taskserver.settings import get_settings
 
 WORKER_TYPE = WARM_WORKER_TYPE
-HEARTBEAT_SECONDS = 30
-"""As the job lane's runs (deployments.HEARTBEAT_SECONDS); the zombie automation waits 90 s."""
 READY_TIMEOUT_SECONDS = 600.0
 STOP_GRACE_SECONDS = 10.0
 MAX_MESSAGE_BYTES = 1 << 20
@@ -406,10 +404,10 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         return runs
 
     async def _refresh_queue_priorities(self) -> None:
+        from taskserver.platform.bootstrap import read_queues
+
         try:
-            queues = await self.client.read_work_queues(
-                work_pool_name=self._work_pool_name, work_queue_filter=WorkQueueFilter(), limit=200, offset=0
-            )
+            queues = await read_queues(self.client, self._work_pool_name)
         except Exception:  # keep the last known map; the poll itself reports API trouble
             return
         self._queue_priorities = {queue.name: queue.priority for queue in queues}

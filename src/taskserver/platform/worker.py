@@ -16,7 +16,7 @@ from uuid import UUID
 
 import anyio
 from prefect.exceptions import ObjectNotFound
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, WorkQueueFilter
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
@@ -111,10 +111,10 @@ class PriorityProcessWorker(ProcessWorker):
         return self._queue_priorities.get(flow_run.work_queue_name or "", _UNKNOWN_QUEUE_PRIORITY)
 
     async def _refresh_queue_priorities(self) -> None:
+        from taskserver.platform.bootstrap import read_queues
+
         try:
-            queues = await self.client.read_work_queues(
-                work_pool_name=self._work_pool_name, work_queue_filter=WorkQueueFilter(), limit=200, offset=0
-            )
+            queues = await read_queues(self.client, self._work_pool_name)
         except Exception:  # keep the last known map; the poll itself reports API trouble
             return
         self._queue_priorities = {queue.name: queue.priority for queue in queues}
