@@ -24,6 +24,12 @@ def test_small_encode_goes_warm_and_large_inputs_go_to_jobs(tmp_path):
     # Relative paths resolve against the data dir, as the flows resolve them.
     assert choose_lane("encode", {"input_path": "texts.txt"}, data_dir=str(tmp_path)) == "job"
     assert choose_lane("cluster", {"input_path": "x.npz"}) == "job"
+    # A big model directory or an existing output file is not input data.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"w" * (WARM_INPUT_LIMIT_BYTES + 1))
+    assert choose_lane("infer", {"model_dir": str(model), "texts": ["a ticket"],
+                                 "output_path": str(big)}) == "warm"
 
 
 def test_a_submitter_can_override_the_lane_but_not_put_training_on_it():

@@ -2,8 +2,9 @@
 
 A warm-capable task (encode, infer, process-pdfs) defaults to the warm lane; a run whose inputs
 are large would hold a warm interpreter (and its memory) for long, so it goes to its Job
-instead. "Large" is measured, not guessed from names: the inline parameters' JSON size plus the
-size of every local file or directory a string parameter points to. A submitter can always
+instead. "Large" is measured on the task's data parameters (``TaskType.data_parameters``, not
+its model or output paths): their inline JSON size plus the size of every local file or
+directory they point to. A submitter can always
 name the lane. ``prefect deployment run`` bypasses this and uses the deployment it names.
 """
 
@@ -60,8 +61,14 @@ def _local_size(text: str, data_dir: str | None) -> int:
     return 0
 
 
-def input_bytes(parameters: dict[str, Any], data_dir: str | None = None) -> int:
-    """Inline payload plus the local files the parameters point to (object-store URLs count 0)."""
+def input_bytes(parameters: dict[str, Any], data_dir: str | None = None,
+                names: tuple[str, ...] | None = None) -> int:
+    """Inline payload plus the local files the parameters point to (object-store URLs count 0).
+
+    ``names``: only these parameters (a task's data parameters); None: all of them.
+    """
+    if names is not None:
+        parameters = {k: v for k, v in parameters.items() if k in names}
     inline = len(json.dumps(parameters, default=str))
     return inline + sum(_local_size(text, data_dir) for text in _strings(parameters))
 
@@ -81,6 +88,6 @@ def choose_lane(task: TaskType | str, parameters: dict[str, Any], lane: str | No
         return lane
     if task.default_lane != WARM_LANE:
         return task.default_lane
-    if input_bytes(parameters, data_dir) > WARM_INPUT_LIMIT_BYTES:
+    if input_bytes(parameters, data_dir, task.data_parameters) > WARM_INPUT_LIMIT_BYTES:
         return JOB_LANE
     return WARM_LANE

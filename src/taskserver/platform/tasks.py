@@ -57,6 +57,9 @@ class TaskType:
     """Where ``<flow>/<priority>`` runs. A warm-capable task also gets ``<flow>/<priority>-<other
     lane>``, so a submitter can always pick the other lane."""
     warm_capable: bool = False
+    data_parameters: tuple[str, ...] = ()
+    """The parameters that carry the input data (inline, or paths to it): their size decides
+    whether a run is small enough for the warm lane. Models and outputs do not count."""
 
     def pool_for(self, lane: str) -> Pool:
         return WARM_POOL if lane == WARM_LANE else self.pool
@@ -71,15 +74,18 @@ class TaskType:
 
 TASKS: tuple[TaskType, ...] = (
     TaskType("encode", "src/taskserver/flows/encode.py:encode", CPU_POOL,
-             "Texts to embeddings with all-MiniLM-L6-v2.", WARM_LANE, warm_capable=True),
+             "Texts to embeddings with all-MiniLM-L6-v2.", WARM_LANE, warm_capable=True,
+             data_parameters=("texts", "input_path")),
     TaskType("process-pdfs", "src/taskserver/flows/pdfs.py:process_pdfs", CPU_POOL,
-             "PDFs to clean text elements and chunks.", WARM_LANE, warm_capable=True),
+             "PDFs to clean text elements and chunks.", WARM_LANE, warm_capable=True,
+             data_parameters=("inputs",)),
     TaskType("cluster", "src/taskserver/flows/cluster.py:cluster", CPU_POOL,
              "k-means clusters and a nearest-neighbour index over embeddings."),
     TaskType("train", "src/taskserver/flows/train.py:train", GPU_POOL,
              "Fine-tune a text classifier with accelerate."),
     TaskType("infer", "src/taskserver/flows/infer.py:infer", GPU_POOL,
-             "Batch classification with a trained model.", WARM_LANE, warm_capable=True),
+             "Batch classification with a trained model.", WARM_LANE, warm_capable=True,
+             data_parameters=("texts", "input_path")),
     TaskType("ingest-documents", "src/taskserver/flows/ingest.py:ingest_documents", CPU_POOL,
              "Pipeline: PDFs to chunks to embeddings to clusters and a search index."),
 )
