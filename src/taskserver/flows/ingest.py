@@ -25,6 +25,8 @@ from taskserver.flows.encode import encode
 from taskserver.flows.pdfs import PdfBatchSummary, process_pdfs
 from taskserver.flows.runtime import markdown_table, publish_summary
 from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
+from taskserver.platform.routing import deployment_name
+from taskserver.platform.tasks import JOB_LANE, get_task
 from taskserver.search import Collection
 
 DEFAULT_OUTPUT_DIR = "outputs/ingest"
@@ -56,7 +58,9 @@ def _run_step(step, parameters: dict, as_run: bool) -> State:
     """Run one step here (a subflow), or as its own deployment run (its own process or pod)."""
     if not as_run:
         return step(**parameters, return_state=True)
-    child = run_deployment(f"{step.name}/{_step_priority()}", parameters=parameters, as_subflow=True)
+    # On the job lane: a pipeline's steps are batch-sized, and get their own process or pod.
+    name = deployment_name(get_task(step.name), _step_priority(), JOB_LANE)
+    child = run_deployment(name, parameters=parameters, as_subflow=True)
     return child.state
 
 
