@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 INTEGRATION = Path(__file__).resolve().parents[1] / "integration"
 if str(INTEGRATION) not in sys.path:
     sys.path.insert(0, str(INTEGRATION))
@@ -20,7 +22,14 @@ _integration = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("integration_conftest", _integration)
 _spec.loader.exec_module(_integration)
 
-prefect_server = _integration.prefect_server
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """One server per fault module, gone before the next suite starts: a session-wide one would
+    outlive this directory and sit beside tests/integration's, and a test there that restores
+    the client's settings could then talk to the wrong server."""
+    yield from _integration.serve_platform(tmp_path_factory)
+
+
 start_worker = _integration.start_worker
 records = _integration.records
 postgres_url = _integration.postgres_url

@@ -26,6 +26,12 @@ from platform_support import (  # noqa: E402
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real server on SQLite, with the platform bootstrapped (process pools, probe deployed)."""
+    yield from serve_platform(tmp_path_factory)
+
+
+def serve_platform(tmp_path_factory):
+    """The body of ``prefect_server``, for suites that want it at another scope (tests/faults):
+    it points PREFECT_API_URL at the server while it lives, and back afterwards."""
     home = tmp_path_factory.mktemp("prefect-server")
     server = PrefectServer(home, f"sqlite+aiosqlite:///{home / 'prefect.db'}").start()
     previous = os.environ.get("PREFECT_API_URL")
