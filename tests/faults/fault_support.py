@@ -11,14 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
 import psutil
 
-from platform_support import WorkerProcess, _stop, base_env
+from platform_support import WorkerProcess, _stop, base_env, wait_until
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -212,10 +211,5 @@ def _cmdline(process: psutil.Process) -> list[str]:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    """platform_support.wait_until, polling once a second by default."""
+    return wait_until(predicate, timeout, what, interval)

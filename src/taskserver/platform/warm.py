@@ -43,7 +43,7 @@ from prefect.events import emit_event
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
 from taskserver.platform.deployments import HEARTBEAT_SECONDS  # as the job lane's runs
-from taskserver.platform.priorities import PRIORITIES
+from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, QueuePriorityMixin
 from taskserver.platform.tasks import WARM_WORKER_TYPE
 from taskserver.settings import get_settings
 
@@ -54,7 +54,6 @@ MAX_MESSAGE_BYTES = 1 << 20
 DEFAULT_INTERPRETERS = 2
 ANNOUNCE_TTL_SECONDS = 30.0
 
-_UNKNOWN_QUEUE_PRIORITY = len(PRIORITIES) + 1
 _INTERPRETER_MODULE = "taskserver.platform.warm_interpreter"
 
 
@@ -239,7 +238,7 @@ class InterpreterPool:
             if expires < now or not self.still_coming(run_id):
                 del self._announced[run_id]
         return min((p for r, (p, _) in self._announced.items() if r != exclude),
-                   default=_UNKNOWN_QUEUE_PRIORITY + 1)
+                   default=UNKNOWN_QUEUE_PRIORITY + 1)
 
     def _best_waiter(self) -> _Waiter | None:
         while self._waiters and self._waiters[0].event.is_set():  # gave up meanwhile
@@ -355,7 +354,7 @@ def interpreter_env(base: dict[str, str] | None = None, threads: int = 1) -> dic
     return env
 
 
-class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResult]):
+class WarmWorker(QueuePriorityMixin, BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResult]):
     """Runs flow runs in warm interpreters: sub-second starts, same pools, queues and UI."""
 
     type = WORKER_TYPE
@@ -402,18 +401,6 @@ class WarmWorker(BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResul
         for flow_run in runs:
             self._pool.announce(flow_run.id, self._priority_of(flow_run))
         return runs
-
-    async def _refresh_queue_priorities(self) -> None:
-        from taskserver.platform.bootstrap import read_queues
-
-        try:
-            queues = await read_queues(self.client, self._work_pool_name)
-        except Exception:  # keep the last known map; the poll itself reports API trouble
-            return
-        self._queue_priorities = {queue.name: queue.priority for queue in queues}
-
-    def _priority_of(self, flow_run: FlowRun) -> int:
-        return self._queue_priorities.get(flow_run.work_queue_name or "", _UNKNOWN_QUEUE_PRIORITY)
 
     async def run(
         self,

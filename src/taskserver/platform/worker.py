@@ -22,7 +22,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
-from taskserver.platform.priorities import PRIORITIES
+from taskserver.platform.queue_order import QueuePriorityMixin
 
 WORKER_TYPE = "taskserver-process"
 """The pool type of the local stack's pools, served by this worker."""
@@ -35,10 +35,9 @@ MAX_REQUEUES = 3
 REQUEUE_API_WAIT_SECONDS = 300.0
 
 _NOT_STARTED = (StateType.SCHEDULED, StateType.PENDING)
-_UNKNOWN_QUEUE_PRIORITY = len(PRIORITIES) + 1
 
 
-class PriorityProcessWorker(ProcessWorker):
+class PriorityProcessWorker(QueuePriorityMixin, ProcessWorker):
     """Process worker whose flow bodies start in queue-priority order."""
 
     type = WORKER_TYPE
@@ -106,18 +105,6 @@ class PriorityProcessWorker(ProcessWorker):
                 except Exception:  # the API may still be coming back
                     await anyio.sleep(2)
         return False
-
-    def _priority_of(self, flow_run: FlowRun) -> int:
-        return self._queue_priorities.get(flow_run.work_queue_name or "", _UNKNOWN_QUEUE_PRIORITY)
-
-    async def _refresh_queue_priorities(self) -> None:
-        from taskserver.platform.bootstrap import read_queues
-
-        try:
-            queues = await read_queues(self.client, self._work_pool_name)
-        except Exception:  # keep the last known map; the poll itself reports API trouble
-            return
-        self._queue_priorities = {queue.name: queue.priority for queue in queues}
 
     def _blockers(self, flow_run: FlowRun) -> list[UUID]:
         mine = self._awaiting_start.get(flow_run.id, self._priority_of(flow_run))
