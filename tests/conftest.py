@@ -31,14 +31,6 @@ def _api_url() -> str | None:
     return PREFECT_API_URL.value()
 
 
-def _drain_prefect_workers() -> None:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    EventsWorker.drain_all(timeout=30)
-    APILogWorker.drain_all(timeout=30)
-
-
 @pytest.fixture(autouse=True)
 def _prefect_clients_follow_the_server():
     """Prefect keeps one events worker per process, keyed without the API URL: after a test
@@ -47,13 +39,15 @@ def _prefect_clients_follow_the_server():
     if "prefect" not in sys.modules:
         yield
         return
+    from server_context import drain_prefect_workers
+
     current = _api_url()
     if current != _last_api_url[0]:
-        _drain_prefect_workers()
+        drain_prefect_workers()
         _last_api_url[0] = current
     yield
     if _api_url() != current:
-        _drain_prefect_workers()
+        drain_prefect_workers()
 
 
 @pytest.fixture
@@ -69,11 +63,21 @@ def data_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """A real, temporary Prefect server (SQLite) for the whole session."""
+def _harness_api_url():
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def prefect_harness(_harness_api_url):
+    """A real, temporary Prefect server (SQLite), started once per session and made the client's
+    server for this test (the platform server may have been pointed at since)."""
+    from server_context import use_server
+
+    with use_server(_harness_api_url):
         yield
 
 

@@ -23,13 +23,13 @@ sys.modules.setdefault("integration_conftest", _integration)
 _spec.loader.exec_module(_integration)
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """One server per fault module, gone before the next suite starts: a session-wide one would
-    outlive this directory and sit beside tests/integration's, and a test there that restores
-    the client's settings could then talk to the wrong server."""
+def platform_server(tmp_path_factory):
+    """One server per fault module, stopped when the module ends (a fault test may have
+    restarted or starved it)."""
     yield from _integration.serve_platform(tmp_path_factory)
 
 
+prefect_server = _integration.prefect_server
 start_worker = _integration.start_worker
 records = _integration.records
 postgres_url = _integration.postgres_url

@@ -18,37 +18,38 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from server_context import use_server  # noqa: E402
 from platform_support import (  # noqa: E402
     PrefectServer, WorkerProcess, _delete_unfinished_runs, free_port, run,
 )
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
+def platform_server(tmp_path_factory):
     """A real server on SQLite, with the platform bootstrapped (process pools, probe deployed)."""
     yield from serve_platform(tmp_path_factory)
 
 
+@pytest.fixture
+def prefect_server(platform_server):
+    """The platform server, made the client's server for this one test (see ``use_server``)."""
+    with use_server(platform_server.api_url):
+        yield platform_server
+
+
 def serve_platform(tmp_path_factory):
-    """The body of ``prefect_server``, for suites that want it at another scope (tests/faults):
-    it points PREFECT_API_URL at the server while it lives, and back afterwards."""
+    """The body of ``platform_server``, for suites that want it at another scope (tests/faults)."""
     home = tmp_path_factory.mktemp("prefect-server")
     server = PrefectServer(home, f"sqlite+aiosqlite:///{home / 'prefect.db'}").start()
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = server.api_url
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    try:
+        with use_server(server.api_url):
+            from taskserver.platform.bootstrap import bootstrap
+            from taskserver.platform.tasks import DIAGNOSTIC_TASKS
 
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        from taskserver.platform.bootstrap import bootstrap
-        from taskserver.platform.tasks import DIAGNOSTIC_TASKS
-
-        bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+            bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
         yield server
-    server.stop()
-    if previous is None:
-        os.environ.pop("PREFECT_API_URL", None)
-    else:
-        os.environ["PREFECT_API_URL"] = previous
+    finally:
+        server.stop()
 
 
 @pytest.fixture

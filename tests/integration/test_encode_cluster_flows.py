@@ -12,7 +12,6 @@ import json
 
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from taskserver import clustering, encoding
 from taskserver.errors import BatchFailedError
@@ -33,14 +32,11 @@ TEXTS = [text for texts in TOPICS.values() for text in texts]
 IDS = [f"{topic}-{number}" for topic, texts in TOPICS.items() for number in range(len(texts))]
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, prefect_server):
+def data_dir(tmp_path_factory):
     import torch
 
     threads = torch.get_num_threads()

@@ -69,7 +69,8 @@ def strict_validate(manifest: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
+def render_server():
+    """A server of its own: its pools are Kubernetes pools, unlike the platform server's."""
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
@@ -110,7 +111,7 @@ async def _create_pools_and_deployments() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def rendered_jobs(prefect_server) -> dict[str, Any]:
+def rendered_jobs(render_server) -> dict[str, Any]:
     return asyncio.run(_create_pools_and_deployments())
 
 
@@ -173,7 +174,7 @@ def test_jobs_are_evictable_non_root_and_mount_the_shared_data(rendered_jobs) ->
         assert manifest["metadata"]["namespace"] == "taskserver-jobs", name
 
 
-def test_gpu_type_chosen_at_submission_moves_the_job(prefect_server) -> None:
+def test_gpu_type_chosen_at_submission_moves_the_job(render_server) -> None:
     async def render() -> dict[str, Any]:
         task = get_task("train")
         values = job_variables(task, "critical", gpu_type="h100", gpu_count=4)
@@ -214,7 +215,7 @@ current-context: kmock
 """
 
 
-def test_real_worker_submits_the_deployments_job_to_kubernetes(prefect_server, tmp_path, monkeypatch) -> None:
+def test_real_worker_submits_the_deployments_job_to_kubernetes(render_server, tmp_path, monkeypatch) -> None:
     kmock = pytest.importorskip("kmock")
     from kubernetes_asyncio.config import kube_config
 
