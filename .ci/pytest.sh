@@ -7,7 +7,7 @@ export PATH="$PWD/.tools/bin:$PATH"
 export DO_NOT_TRACK=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # The test command installs every tool, so a skip would hide a broken install: make it fail.
 export TASKSERVER_STRICT_SKIPS=1
-.venv/bin/python -m pytest -ra -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -ra -p no:cacheprovider --durations=25 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests (exit 5)"
