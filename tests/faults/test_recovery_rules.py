@@ -37,10 +37,11 @@ def test_only_lost_infrastructure_counts_as_lost(message, lost):
     assert is_lost_infrastructure(message) is lost
 
 
-async def _crash(run_id, message: str) -> None:
+async def _crash(run_id, message: str, reached_running: bool = True) -> None:
     async with get_client() as client:
         await client.set_flow_run_state(run_id, Pending(), force=True)
-        await client.set_flow_run_state(run_id, Running(), force=True)
+        if reached_running:
+            await client.set_flow_run_state(run_id, Running(), force=True)
         await client.set_flow_run_state(run_id, Crashed(message=message), force=True)
 
 
@@ -70,3 +71,23 @@ def test_a_lost_run_is_rescheduled_once_per_crash_until_its_attempts_run_out(pre
         assert asyncio.run(_recover(max_attempts=3, exhausted=exhausted)) == []
         assert exhausted == {lost}
         assert read_runs([lost])[lost].state_type == "CRASHED"  # out of attempts: stays Crashed
+
+
+def test_a_run_that_crashed_before_its_body_is_rescheduled_whatever_the_message(prefect_server, records, clean_queues):
+    """A flow-run process that cannot reach a restarting server exits 1 from Pending: nothing of the
+    flow ran, so a new attempt cannot repeat work. The same exit after Running is the run's own."""
+    exit_one = "Process exited with status code: 1. Process exited with a general error."
+    [before_body, after_body, broken] = create_runs(
+        "probe/low", [probe_params(label, records) for label in ("before", "after", "broken")])
+    asyncio.run(_crash(before_body, exit_one, reached_running=False))
+    asyncio.run(_crash(after_body, exit_one))
+    asyncio.run(_crash(broken, "Flow run could not start: ImportError: no module named 'flows'",
+                       reached_running=False))
+
+    rescheduled = asyncio.run(_recover(max_attempts=3))
+
+    assert [r.flow_run_id for r in rescheduled] == [before_body]
+    runs = read_runs([before_body, after_body, broken])
+    assert runs[before_body].state_name == "AwaitingRetry"
+    assert "crashed before its flow started" in runs[before_body].message
+    assert runs[after_body].state_type == "CRASHED" and runs[broken].state_type == "CRASHED"

@@ -102,6 +102,26 @@ def is_lost_infrastructure(message: str | None) -> bool:
     )
 
 
+NEVER_RETRIED_PREFIXES: tuple[str, ...] = ("Flow run could not start",)
+"""Crashes that say the run's code or image is broken: a new attempt would crash the same way."""
+
+
+def crashed_before_its_body(history: list[State]) -> bool:
+    """Whether the run's latest attempt crashed before it ever entered Running.
+
+    Such an attempt ran none of its flow's code, so a new one cannot repeat work, whatever the
+    crash said: a flow-run process that could not reach a restarting server exits with status 1
+    from Pending, a message that otherwise means the run's own error.
+    """
+    latest_attempt: list[State] = []
+    for state in sorted(history, key=lambda s: s.timestamp):
+        if state.type == StateType.SCHEDULED:
+            latest_attempt = []
+        latest_attempt.append(state)
+    return bool(latest_attempt) and latest_attempt[-1].type == StateType.CRASHED and not any(
+        state.type == StateType.RUNNING for state in latest_attempt)
+
+
 def is_ours(flow_run: FlowRun, pools: list[str] | None = None) -> bool:
     """A run of a platform deployment: in one of ``pools`` (default: the platform's), or tagged
     with a priority, which every generated deployment is."""
@@ -170,16 +190,21 @@ async def reschedule_lost_runs(
         if not is_ours(candidate, pools) or candidate.state is None:
             continue
         crashed = candidate.state
-        if not is_lost_infrastructure(crashed.message):
+        if (crashed.message or "").startswith(NEVER_RETRIED_PREFIXES):
             continue
         history = await client.read_flow_run_states(candidate.id)
+        if is_lost_infrastructure(crashed.message):
+            cause = "lost its infrastructure"
+        elif crashed_before_its_body(history):
+            cause = "crashed before its flow started"
+        else:
+            continue
         attempt = count_reschedules(history) + 2  # the attempt a reschedule would start
         if attempt > max_attempts:
             if exhausted is None or candidate.id not in exhausted:
                 log.error(
-                    "Flow run %s (%s) lost its infrastructure again and has had %d of %d attempts;"
-                    " it stays Crashed: %s",
-                    candidate.name, candidate.id, attempt - 1, max_attempts, crashed.message,
+                    "Flow run %s (%s) %s again and has had %d of %d attempts; it stays Crashed: %s",
+                    candidate.name, candidate.id, cause, attempt - 1, max_attempts, crashed.message,
                 )
                 if exhausted is not None:
                     exhausted.add(candidate.id)
@@ -190,7 +215,7 @@ async def reschedule_lost_runs(
             continue
         message = (
             f"{RESCHEDULE_MESSAGE_PREFIX} (attempt {attempt} of {max_attempts}): the previous"
-            f" attempt lost its infrastructure: {crashed.message}"
+            f" attempt {cause}: {crashed.message}"
         )
         proposed = AwaitingRetry(scheduled_time=datetime.now(timezone.utc), message=message)
         proposed.state_details.transition_id = _transition_id(candidate.id, crashed.id)
