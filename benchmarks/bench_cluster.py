@@ -89,6 +89,9 @@ def main() -> int:
     import faiss
     from prefect.testing.utilities import prefect_test_harness
 
+    # Flows run as the job lane runs them (taskserver.platform.job_engine): no engine heartbeat thread.
+    from taskserver.flows.heartbeats import without_engine_heartbeats
+
     from taskserver import clustering, encoding
     from taskserver.flows.cluster import cluster
     from taskserver.settings import reload_settings
@@ -100,7 +103,7 @@ def main() -> int:
     print(f"vectors: {count} x {dims}, k={k}, niter={niter}, faiss threads {faiss.omp_get_max_threads()}")
 
     kmeans_only, same_work, flow_times = [], [], []
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=120), without_engine_heartbeats():
         cluster(embeddings=location, k=2, niter=1, index_kind="flat", output_dir="outputs/warmup")
         for _ in range(args.repeats):
             seconds, _ = timed(lambda: clustering.kmeans(vectors, k, niter=niter, seed=seed))

@@ -74,6 +74,9 @@ def main() -> int:
     os.environ["TASKSERVER_DATA_DIR"] = data_dir
     from prefect.testing.utilities import prefect_test_harness
 
+    # Flows run as the job lane runs them (taskserver.platform.job_engine): no engine heartbeat thread.
+    from taskserver.flows.heartbeats import without_engine_heartbeats
+
     from taskserver import encoding
     from taskserver.flows.encode import encode
     from taskserver.settings import reload_settings
@@ -93,7 +96,7 @@ def main() -> int:
     with open(source, "w") as handle:
         handle.writelines(json.dumps({"id": str(i), "text": text}) + "\n" for i, text in enumerate(texts))
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=120), without_engine_heartbeats():
         encode(texts=texts[:64], use_cache=False, output="outputs/warmup.npz")  # warm-up: first flow run
         bare_times, flow_times = [], []
         for _ in range(args.repeats):

@@ -124,6 +124,9 @@ def main() -> None:
     from prefect import flow as prefect_flow
     from prefect.testing.utilities import prefect_test_harness
 
+    # Flows run as the job lane runs them (taskserver.platform.job_engine): no engine heartbeat thread.
+    from taskserver.flows.heartbeats import without_engine_heartbeats
+
     from taskserver.flows.pdfs import process_pdfs as flow
 
     documents.prepare_unstructured()  # imports and spaCy load are paid once, before any timing
@@ -156,7 +159,7 @@ def main() -> None:
     def empty_flow() -> int:
         return 0
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=120), without_engine_heartbeats():
         run_flow([str(workdir / "warm.pdf")])  # first flow run pays one-off client set-up
         empty_flow()
         empty = min(_timed_once(empty_flow) for _ in range(3))

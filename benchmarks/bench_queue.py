@@ -18,7 +18,12 @@ Scenarios:
   3. no-op throughput: a burst of runs sleeping 0 s, drained by the worker; runs per minute, capped in time.
 Everything runs on 127.0.0.1 under a temporary home; every process started here is stopped on exit.
 
-    python benchmarks/bench_queue.py [--quick] [--systems prefect-10s,prefect-1s,taskserver-1s,celery] [--keep]
+    python benchmarks/bench_queue.py [--quick] [--systems prefect-10s,prefect-1s,taskserver-1s,celery]
+        [--database postgres,sqlite] [--keep]
+
+``--database`` runs every Prefect system once per database, side by side: ``postgres`` is the local
+stack's default (the embedded PostgreSQL of ``taskserver.platform.local_postgres``), ``sqlite`` the
+small-footprint option. The report counts the server log's database-lock, 500 and 503 lines per database.
 
 Measured with ``--quick`` (2 shared cores, load average 2-3.5, SQLite; Prefect 3.8.8, Celery 5.7.0,
 kombu 5.7.0, redis-py 8.1.0, redis-server 7.0.15), stock 10 s / stock 1 s / taskserver 1 s / Celery:
@@ -63,11 +68,19 @@ from platform_support import PrefectServer, WorkerProcess, free_port, read_done,
 SLOTS = 2
 LOWER = ("low", "normal")
 SYSTEMS = ("prefect-10s", "prefect-1s", "taskserver-1s", "taskserver-warm", "celery")
+DATABASES = ("postgres", "sqlite")
+SERVER_ERROR_MARKERS = {
+    "database is locked": "database is locked",
+    "503 (retryable exception)": "Encountered retryable exception in request",
+    "500 (exception)": "Encountered exception in request",
+    "failed service loop": "Failed in consume_loop",
+}
+"""What the server log must not show under this load: Prefect logs every 503 and 500 it answers."""
 TITLES = {
     "prefect-10s": "Prefect process worker, 10 s poll",
     "prefect-1s": "Prefect process worker, 1 s poll",
-    "taskserver-1s": "taskserver-process, 1 s poll",
-    "taskserver-warm": "taskserver-warm (warm lane), 0.25 s poll",
+    "taskserver-1s": "taskserver-process, 1 s poll (+ run-event wake-ups)",
+    "taskserver-warm": "taskserver-warm (warm lane), run-event wake-ups + the local stack's fallback poll",
     "celery": "Celery + Redis",
 }
 ENCODE_SYSTEMS = ("taskserver-warm", "celery")
@@ -735,39 +748,26 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     began = time.monotonic()
     results: dict[str, dict] = {}
-    server = None
+    server_logs: dict[str, dict[str, int]] = {}
+    databases = [d.strip() for d in args.database.split(",") if d.strip()]
+    if sorted(set(databases) - set(DATABASES)):
+        raise SystemExit(f"--database: choose from {', '.join(DATABASES)}")
     try:
-        if any(s != "celery" for s in chosen):
-            print("starting a Prefect server (SQLite) and bootstrapping the platform with the probe", flush=True)
-            server = PrefectServer(work / "prefect-server", f"sqlite+aiosqlite:///{work / 'prefect.db'}").start()
-            os.environ["PREFECT_API_URL"] = server.api_url
-            from taskserver.platform.bootstrap import bootstrap_async
-            from taskserver.platform.tasks import DIAGNOSTIC_TASKS
-
-            await bootstrap_async(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
-        for name in chosen:
-            print(f"benchmarking {TITLES[name]}", flush=True)
-            if name == "celery":
-                system = CelerySystem(work, logs)
-            else:
-                if name == "taskserver-warm":
-                    system = WarmSystem(name, server, "warm", 0.25, logs)
-                else:
-                    poll = 10 if name == "prefect-10s" else 1
-                    worker_type = "taskserver" if name.startswith("taskserver") else "process"
-                    system = PrefectSystem(name, server, worker_type, poll, logs)
-            results[name] = await bench_system(system, scale, work)
+        for database in databases if any(s != "celery" for s in chosen) else []:
+            results.update(await bench_on_database(database, [s for s in chosen if s != "celery"], scale,
+                                                   work / database, logs, server_logs))
+        if "celery" in chosen:
+            print(f"benchmarking {TITLES['celery']}", flush=True)
+            results["celery"] = await bench_system(CelerySystem(work, logs), scale, work)
     finally:
-        if server is not None:
-            server.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     if any(name in ENCODE_SYSTEMS for name in chosen) and scale.encode_requests:
         print("bare library baseline: the same texts in one batched call", flush=True)
         bare = bare_encode_seconds(request_texts(scale.encode_requests))
-        for name in ENCODE_SYSTEMS:
-            if "encode" in results.get(name, {}):
-                encoded = results[name]["encode"]
+        for key, result in results.items():
+            if "encode" in result:
+                encoded = result["encode"]
                 encoded["ratio_to_bare"] = round(bare["seconds"] / encoded["seconds"], 4)
         results_bare = bare
     else:
@@ -786,9 +786,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "celery_priority_mode": "one Redis list per level, -Q critical,high,normal,low,"
                                 " queue_order_strategy=priority, prefetch multiplier 1, acks_late",
         "systems": results,
+        "server_log_errors": server_logs,
         "work_dir": str(work) if args.keep else None,
     }
     report["table_markdown"] = markdown_table(results)
+    for database, counts in server_logs.items():
+        report["table_markdown"] += f"\n\nServer log on {database}: " + ", ".join(
+            f"{count} × {name}" for name, count in counts.items())
     if results_bare:
         report["table_markdown"] += (
             f"\n\nBare library baseline: {results_bare['requests']} texts in one batched call:"
@@ -796,11 +800,66 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+async def bench_on_database(database: str, chosen: list[str], scale: Scale, work: Path, logs: Path,
+                            server_logs: dict[str, dict[str, int]]) -> dict[str, dict]:
+    """Every Prefect system in ``chosen`` against one server on ``database``; keys name the database."""
+    from taskserver.platform.local_postgres import LocalPostgres
+
+    work.mkdir(parents=True, exist_ok=True)
+    postgres = LocalPostgres(work / "postgres") if database == "postgres" else None
+    url = postgres.url if postgres else f"sqlite+aiosqlite:///{work / 'prefect.db'}"
+    results: dict[str, dict] = {}
+    server = None
+    try:
+        if postgres:
+            postgres.start()
+        print(f"starting a Prefect server ({database}) and bootstrapping the platform with the probe", flush=True)
+        server = PrefectServer(work / "prefect-server", url).start()
+        os.environ["PREFECT_API_URL"] = server.api_url
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from taskserver.platform.bootstrap import bootstrap_async  # after the URL: prefect reads it at import
+        from taskserver.platform.tasks import DIAGNOSTIC_TASKS
+
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            results.update(await _bench_prefect_systems(database, chosen, scale, server, work, logs,
+                                                        bootstrap_async, DIAGNOSTIC_TASKS))
+    finally:
+        if server is not None:
+            server.stop()
+            text = (server.home / "server.log").read_text(errors="replace")
+            server_logs[database] = {name: text.count(marker) for name, marker in SERVER_ERROR_MARKERS.items()}
+        if postgres:
+            postgres.stop()
+    return results
+
+
+async def _bench_prefect_systems(database, chosen, scale, server, work, logs, bootstrap_async, extra_tasks):
+    await bootstrap_async(pool_type="taskserver-process", extra_tasks=extra_tasks)
+    from taskserver.platform.localstack import WARM_POLL_SECONDS
+
+    results: dict[str, dict] = {}
+    for name in chosen:
+        print(f"benchmarking {TITLES[name]} on {database}", flush=True)
+        if name == "taskserver-warm":  # as `taskserver up` runs it: woken by run events, slow fallback poll
+            system = WarmSystem(name, server, "warm", WARM_POLL_SECONDS, logs)
+        else:
+            poll = 10 if name == "prefect-10s" else 1
+            worker_type = "taskserver" if name.startswith("taskserver") else "process"
+            system = PrefectSystem(name, server, worker_type, poll, logs)
+        result = await bench_system(system, scale, work)
+        result["title"] = f"{result['title']} [{database}]"
+        results[f"{name}[{database}]"] = result
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs (about 5 minutes on 2 cores)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON results go")
+    parser.add_argument("--database", default="postgres",
+                        help=f"comma-separated subset of {DATABASES}: the Prefect server's database(s)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, records)")
     parser.add_argument("--encode-requests", type=int, default=None,
                         help="single-text encode requests (default: 200 quick, 1000 full; 0 skips)")

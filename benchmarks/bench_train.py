@@ -116,13 +116,17 @@ def main() -> None:
     import torch
     from prefect.testing.utilities import prefect_test_harness
 
+    # Flows run as the job lane runs them (taskserver.platform.job_engine): no engine heartbeat thread.
+    from taskserver.flows.heartbeats import without_engine_heartbeats
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     train_rows = synthetic_rows(steps * args.batch_size, seed=0)  # exactly one epoch of `steps` steps
     validation_rows = synthetic_rows(60, seed=1)
     texts = [r["text"] for r in synthetic_rows(n_texts, seed=2)]
     lr = 1e-4
 
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, prefect_test_harness(server_startup_timeout=120):
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, prefect_test_harness(server_startup_timeout=120), \
+            without_engine_heartbeats():
         from taskserver.flows.infer import infer
         from taskserver.flows.train import train
 

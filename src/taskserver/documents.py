@@ -1,7 +1,8 @@
 """PDFs to text elements and title-based chunks, with unstructured (strategy "fast") and no network.
 
 unstructured returns ``[]`` for files it cannot read and for a missing spaCy model, so every file
-is checked with pypdf first and an empty extraction is an error that says why.
+is checked with pypdf first. When it returns ``[]`` for a PDF that has text, pdfminer's layout
+analysis extracts it instead; an empty extraction is an error only when both find nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
@@ -46,19 +47,25 @@ CHUNKS_SUFFIX = ".chunks.jsonl"
 ELEMENTS_SUFFIX = ".elements.jsonl"
 SPLIT_PAGES = 8
 """A PDF is split across workers only when each part gets at least this many pages."""
+UNSTRUCTURED = "unstructured"
+PDFMINER = "pdfminer"
+"""The extractors an element can come from: unstructured first, pdfminer's layout analysis as the fallback."""
+TITLE_SIZE_RATIO = 1.08
+"""In the fallback, a short line this much larger than the page's body text is a Title (LaTeX subsections: 1.10)."""
 
 _log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Element:
-    """One piece of a document as unstructured classified it (Title, NarrativeText, ...)."""
+    """One piece of a document as classified (Title, NarrativeText, ...) by ``extractor``."""
 
     text: str
     category: str
     page_number: int | None
     source: str
     element_id: str
+    extractor: str = UNSTRUCTURED
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,11 @@ class DocumentResult:
     elements: list[Element]
     chunks: list[Chunk]
     seconds: float = field(compare=False)
+
+    @property
+    def extractor(self) -> str:
+        """Which extractor produced the elements: ``unstructured``, or ``pdfminer`` after a fallback."""
+        return ", ".join(dict.fromkeys(e.extractor for e in self.elements)) or UNSTRUCTURED
 
 
 # --- unstructured set-up -------------------------------------------------------------------------
@@ -187,7 +199,9 @@ def _check_local_pdf(path: Path, name: str, password: str | None) -> int:
                 raise EncryptedPdfError(name, f"encrypted PDF that cannot be decrypted here: {exc}") from exc
             if decrypted == PasswordType.NOT_DECRYPTED:
                 if password:
-                    raise EncryptedPdfError(name, "encrypted PDF: the given password is wrong")
+                    raise EncryptedPdfError(
+                        name, "encrypted PDF: the given password is wrong", "check the password given for this file"
+                    )
                 raise EncryptedPdfError(
                     name, "encrypted PDF: it needs a password to open", "supply the password or a decrypted copy"
                 )
@@ -245,13 +259,16 @@ def check_pdf(location: str | os.PathLike[str], password: str | None = None) -> 
 # --- partition and chunk -------------------------------------------------------------------------
 
 
-def _check_text_layer(path: Path, name: str, page_count: int, password: str | None) -> None:
-    if _first_page_with_text(path, password) is None:
+def _check_text_layer(path: Path, name: str, page_count: int, password: str | None) -> int:
+    """The first page with text (pdfium's count), or NoTextLayerError for an image-only PDF."""
+    first = _first_page_with_text(path, password)
+    if first is None:
         raise NoTextLayerError(
             name,
             f"no text layer: its {page_count} page(s) are images only and OCR is not available",
             "run OCR on it first (for example ocrmypdf) and submit the result",
         )
+    return first
 
 
 def _elements(source: Path | io.BytesIO, name: str, password: str | None, first_page: int = 1) -> list[Element]:
@@ -280,32 +297,142 @@ def _elements(source: Path | io.BytesIO, name: str, password: str | None, first_
     ]
 
 
-def _empty_extraction(name: str) -> EmptyExtractionError:
-    problem = spacy_model_problem()
-    if problem:
-        return EmptyExtractionError(
-            name,
-            f"unstructured returned no elements because its spaCy model could not be loaded: {problem}",
-            f"pip install {SPACY_MODEL_PIP}",
+# --- the fallback: pdfminer's layout analysis ----------------------------------------------------
+#
+# unstructured 0.27.32's partition_pdf_or_image first asks is_pdf_too_complex(); when any one page
+# has more than 10,000 vector-graphics operators at over 20 per text operator (a plotted figure
+# does), it skips text extraction for the whole file and strategy "fast" returns [], logging only
+# at INFO. pdfminer's own layout analysis, page by page, reads those files.
+
+
+def _text_boxes(item: Any, in_figure: bool = False) -> Iterator[tuple[Any, bool]]:
+    """Every text box of a pdfminer layout item in reading order, and whether it lies in a figure."""
+    from pdfminer.layout import LTFigure, LTTextBox
+
+    if isinstance(item, LTTextBox):
+        yield item, in_figure
+        return
+    for child in item if hasattr(item, "__iter__") else ():
+        yield from _text_boxes(child, in_figure or isinstance(item, LTFigure))
+
+
+@dataclass(frozen=True)
+class _Box:
+    text: str
+    size: float
+    bold: bool
+    in_figure: bool
+
+
+def _box(box: Any, in_figure: bool) -> _Box:
+    from pdfminer.layout import LTChar
+
+    chars = [char for line in box for char in line if isinstance(char, LTChar)]
+    size = sum(char.size for char in chars) / len(chars) if chars else 0.0
+    bold = bool(chars) and all("bold" in char.fontname.lower() for char in chars)
+    return _Box(" ".join(box.get_text().split()), size, bold, in_figure)
+
+
+def _fallback_category(box: _Box, body_size: float) -> str:
+    """A simple title / narrative split: a short line, bold or set larger than the body text, is a Title.
+
+    Text inside figures (axis labels, legends) is never a Title.
+    """
+    text = box.text
+    short = len(text) <= 100 and len(text.split()) <= 12 and not text.endswith((".", ",", ";"))
+    emphasised = box.bold or box.size >= body_size * TITLE_SIZE_RATIO
+    if short and emphasised and not box.in_figure and sum(char.isalpha() for char in text) >= 3:
+        return "Title"
+    return "NarrativeText"
+
+
+def _page_elements(page: Any, page_number: int, name: str) -> list[Element]:
+    boxes = [box for box in (_box(*found) for found in _text_boxes(page)) if box.text]
+    weights: dict[float, int] = {}
+    for box in boxes:  # the body text size: the size most characters outside figures are set in
+        if not box.in_figure:
+            weights[round(box.size, 1)] = weights.get(round(box.size, 1), 0) + len(box.text)
+    body_size = max(weights, key=lambda size: weights[size]) if weights else 0.0
+    return [
+        Element(
+            text=box.text,
+            category=_fallback_category(box, body_size),
+            page_number=page_number,
+            source=name,
+            element_id=stable_id(storage.basename(name), page_number, index, box.text),
+            extractor=PDFMINER,
         )
+        for index, box in enumerate(boxes)
+    ]
+
+
+def _fallback_elements(source: Path | io.BytesIO, name: str, password: str | None, first_page: int = 1) -> list[Element]:
+    """Elements from pdfminer's layout analysis, one page at a time; numbered from ``first_page``."""
+    from pdfminer.high_level import extract_pages
+    from pdfminer.layout import LAParams
+
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    elements: list[Element] = []
+    try:
+        pages = extract_pages(source, password=password or "", laparams=LAParams(all_texts=True))
+        for offset, page in enumerate(pages):
+            elements.extend(_page_elements(page, first_page + offset, name))
+    except Exception as exc:  # noqa: BLE001 - pdfminer raises many types; the message says which
+        raise EmptyExtractionError(
+            name,
+            f"no text extracted: unstructured (strategy {STRATEGY}) returned no elements and pdfminer's "
+            f"layout analysis failed ({type(exc).__name__}: {exc})",
+            "re-export the PDF (for example print it to a new PDF) and try again",
+        ) from exc
+    return elements
+
+
+def _spacy_error(name: str) -> EmptyExtractionError | None:
+    problem = spacy_model_problem()
+    if not problem:
+        return None
     return EmptyExtractionError(
         name,
-        "unstructured returned no elements although the PDF has a text layer (pdfminer could not read it)",
-        "re-export the PDF and try again",
+        f"unstructured returned no elements because its spaCy model could not be loaded: {problem}",
+        f"pip install {SPACY_MODEL_PIP}",
+    )
+
+
+def _rescue(path: Path, name: str, password: str | None) -> list[Element]:
+    """After unstructured returned nothing: pdfminer's elements, or an error when the install is broken.
+
+    A missing spaCy model empties every file, so it is reported rather than hidden by the fallback.
+    """
+    spacy_error = _spacy_error(name)
+    if spacy_error:
+        raise spacy_error
+    elements = _fallback_elements(path, name, password)
+    if elements:
+        _log.warning("%s: unstructured returned no elements; %d elements came from pdfminer", name, len(elements))
+    return elements
+
+
+def _empty_extraction(name: str, text_page: int) -> EmptyExtractionError:
+    return EmptyExtractionError(
+        name,
+        f"no text extracted: unstructured (strategy {STRATEGY}) returned no elements and pdfminer's layout "
+        f"analysis found no text, although pdfium finds text on page {text_page}",
+        "re-export the PDF (for example print it to a new PDF) and try again",
     )
 
 
 def _partition_local(path: Path, name: str, password: str | None) -> tuple[int, list[Element]]:
     page_count = _check_local_pdf(path, name, password)
-    _check_text_layer(path, name, page_count, password)
-    elements = _elements(path, name, password)
+    text_page = _check_text_layer(path, name, page_count, password)
+    elements = _elements(path, name, password) or _rescue(path, name, password)
     if not elements:
-        raise _empty_extraction(name)
+        raise _empty_extraction(name, text_page)
     return page_count, elements
 
 
-def _partition_pages(name: str, first: int, last: int, password: str | None) -> list[Element]:
-    """Elements of pages ``first``..``last`` (1-based): a part of a long PDF, for one worker.
+def _partition_pages(name: str, first: int, last: int, password: str | None, extractor: str = UNSTRUCTURED) -> list[Element]:
+    """Elements of pages ``first``..``last`` (1-based) by ``extractor``: a part of a long PDF, for one worker.
 
     The pages are copied into a PDF of their own and numbered from ``first``, which gives the
     same elements and ids as partitioning the whole file.
@@ -321,6 +448,8 @@ def _partition_pages(name: str, first: int, last: int, password: str | None) -> 
     buffer = io.BytesIO()
     writer.write(buffer)
     buffer.seek(0)
+    if extractor == PDFMINER:
+        return _fallback_elements(buffer, name, None, first_page=first)
     return _elements(buffer, name, None, first_page=first)
 
 
@@ -341,10 +470,14 @@ def partition(location: str | os.PathLike[str], password: str | None = None) -> 
         raise DocumentError(name, "file not found", "check the path or URL") from None
 
 
+def stable_id(*parts: object) -> str:
+    """32 hex digits that depend only on ``parts``: the same parts always give the same id."""
+    return hashlib.sha256("\x00".join(str(part) for part in parts).encode()).hexdigest()[:32]
+
+
 def chunk_id(source: str, index: int, text: str) -> str:
     """Stable id: the same file name, position and text always give the same id."""
-    digest = hashlib.sha256(f"{storage.basename(source)}\x00{index}\x00{text}".encode())
-    return digest.hexdigest()[:32]
+    return stable_id(storage.basename(source), index, text)
 
 
 def _validate_chunking(max_characters: int, overlap: int) -> None:
@@ -472,13 +605,44 @@ class PdfWorkerPool:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
 
-    def submit(
-        self, location: str, max_characters: int = 1000, overlap: int = 0, password: str | None = None
-    ) -> Future[DocumentResult]:
+    def _submit(self, function: Any, *args: Any) -> Future[Any]:
         with self._lock:
             if self._executor is None:
                 self._executor = self._start()
-            return self._executor.submit(process_pdf, location, max_characters, overlap, password)
+            return self._executor.submit(function, *args)
+
+    def submit(
+        self, location: str, max_characters: int = 1000, overlap: int = 0, password: str | None = None
+    ) -> Future[DocumentResult]:
+        return self._submit(process_pdf, location, max_characters, overlap, password)
+
+    def _partition_parts(
+        self, path: str, ranges: Sequence[tuple[int, int]], password: str | None, extractor: str
+    ) -> list[list[Element]]:
+        futures = [self._submit(_partition_pages, path, first, last, password, extractor) for first, last in ranges]
+        return [future.result() for future in futures]
+
+    def _partition_split(self, path: Path, name: str, page_count: int, parts: int, password: str | None) -> list[Element]:
+        """The elements of a PDF partitioned in page ranges side by side, the same as ``partition`` gives.
+
+        unstructured returns nothing for a whole file when any one page defeats it, and so for only
+        the part holding that page here. When pdfminer then finds text in such a part, every part is
+        taken from pdfminer, as ``partition`` does for the whole file.
+        """
+        ranges = page_ranges(page_count, parts)
+        results = self._partition_parts(str(path), ranges, password, UNSTRUCTURED)
+        empty = [pages for pages, elements in zip(ranges, results) if not elements]
+        if empty:
+            spacy_error = _spacy_error(name)
+            if spacy_error:
+                raise spacy_error
+            rescued = dict(zip(empty, self._partition_parts(str(path), empty, password, PDFMINER)))
+            if any(rescued.values()):
+                rest = [pages for pages in ranges if pages not in rescued]
+                rescued.update(zip(rest, self._partition_parts(str(path), rest, password, PDFMINER)))
+                results = [rescued[pages] for pages in ranges]
+                _log.warning("%s: unstructured returned no elements for some pages; all came from pdfminer", name)
+        return [replace(element, source=name) for elements in results for element in elements]
 
     def process(
         self,
@@ -505,17 +669,8 @@ class PdfWorkerPool:
             parts = min(self.workers, page_count // split_pages)
             if parts < 2:
                 return self.submit(name, max_characters, overlap, password).result()
-            _check_text_layer(path, name, page_count, password)
-            with self._lock:
-                if self._executor is None:
-                    self._executor = self._start()
-                futures = [
-                    self._executor.submit(_partition_pages, str(path), first, last, password)
-                    for first, last in page_ranges(page_count, parts)
-                ]
-            elements = [
-                replace(element, source=name) for future in futures for element in future.result()
-            ]
+            text_page = _check_text_layer(path, name, page_count, password)
+            elements = self._partition_split(path, name, page_count, parts, password)
         except BrokenProcessPool as exc:
             with self._lock:
                 if self._executor is not None:
@@ -523,7 +678,7 @@ class PdfWorkerPool:
                     self._executor = None
             raise TransientError(name, "a PDF worker process died", "it is retried in a new worker") from exc
         if not elements:
-            raise _empty_extraction(name)
+            raise _empty_extraction(name, text_page)
         chunks = chunk(elements, max_characters=max_characters, overlap=overlap)
         return DocumentResult(name, page_count, elements, chunks, time.perf_counter() - started)
 
@@ -547,13 +702,15 @@ def process_pdfs(
     max_characters: int = 1000,
     workers: int = 0,
     overlap: int = 0,
+    passwords: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, DocumentResult | DocumentError]]:
     """Process many PDFs across worker processes, yielding ``(location, result or error)`` as each finishes.
 
     A bad file yields its error and never stops the others. Largest files are started first so
-    the workers finish together.
+    the workers finish together. ``passwords`` maps a location to the password that opens it.
     """
     _validate_chunking(max_characters, overlap)
+    passwords = {_name(location): password for location, password in (passwords or {}).items()}
     names = list(dict.fromkeys(_name(location) for location in locations))
     workers = max(1, workers or default_workers())
     if len(names) > 1:
@@ -561,20 +718,20 @@ def process_pdfs(
     if workers == 1:
         for name in names:
             try:
-                yield name, process_pdf(name, max_characters, overlap)
+                yield name, process_pdf(name, max_characters, overlap, passwords.get(name))
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
                 yield name, _as_document_error(name, exc)
         return
     if len(names) == 1:  # one file: split it by pages across the workers
         with PdfWorkerPool(workers) as pool:
             try:
-                yield names[0], pool.process(names[0], max_characters, overlap)
+                yield names[0], pool.process(names[0], max_characters, overlap, passwords.get(names[0]))
             except Exception as exc:  # noqa: BLE001 - reported, like any other file
                 yield names[0], _as_document_error(names[0], exc)
         return
     ordered = sorted(names, key=_size, reverse=True)
     with PdfWorkerPool(workers) as pool:
-        futures = {pool.submit(name, max_characters, overlap): name for name in ordered}
+        futures = {pool.submit(name, max_characters, overlap, passwords.get(name)): name for name in ordered}
         for future in as_completed(futures):
             name = futures[future]
             try:

@@ -71,6 +71,10 @@ class ModelDirectoryError(InvalidInputError):
     """A model directory that is missing or was not written by taskserver's trainer."""
 
 
+class ModelRegistryError(InvalidInputError):
+    """A challenger that cannot be compared with the champion, or a restore that cannot be done."""
+
+
 class ParameterError(InvalidInputError):
     """A flow or submission parameter that fails validation."""
 

@@ -1,7 +1,8 @@
 """Batch text classification with a model written by :mod:`taskserver.training`.
 
 Also defines that saved-model format (encoder + tokenizer + mean-pooling linear head, label map
-and a marker file), so the trainer and the classifier agree on it in one place.
+and a marker file), and how a served location names its champion (:mod:`taskserver.registry`
+writes it), so the trainer, the registry and the classifier agree on both in one place.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ LABEL_MAP_FILE = "label_map.json"
 HEAD_FILE = "classifier_head.safetensors"
 ENCODER_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer_config.json",)
+CHAMPION_FILE = "champion.json"
+"""In a served location (a model registry): names the version ``infer`` loads; replaced atomically."""
+VERSIONS_DIR = "versions"
 
 
 def default_base_model() -> str:
@@ -122,6 +126,35 @@ class ModelInfo:
     labels: list[str]
     max_length: int
     metadata: dict[str, Any]
+    version: str | None = None
+    """The registry version served, when the directory asked for is a model registry."""
+
+
+def champion_version(registry: str | os.PathLike[str]) -> str | None:
+    """The version ``registry``'s pointer names, or None when it is not a registry (or has no champion)."""
+    pointer = Path(registry) / CHAMPION_FILE
+    if not pointer.is_file():
+        return None
+    try:
+        version = json.loads(pointer.read_text("utf-8"))["version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelDirectoryError(str(registry), f"{CHAMPION_FILE} is unreadable: {exc!r}") from exc
+    return str(version)
+
+
+def _served_dir(name: str, path: Path) -> tuple[Path, str | None]:
+    """``path`` itself, or the champion version it points to when ``path`` is a model registry."""
+    version = champion_version(path)
+    if version is None:
+        if (path / VERSIONS_DIR).is_dir() and not (path / MARKER_FILE).is_file():
+            raise ModelDirectoryError(name, "a model registry with no champion yet",
+                                      "train with model_dir set to it, or restore a version")
+        return path, None
+    target = path / VERSIONS_DIR / version
+    if not target.is_dir():
+        raise ModelDirectoryError(name, f"its champion {version} is missing from {VERSIONS_DIR}/",
+                                  "restore another version with `taskserver model restore`")
+    return target, version
 
 
 def inspect_model_dir(model_dir: str | os.PathLike[str]) -> ModelInfo:
@@ -130,6 +163,9 @@ def inspect_model_dir(model_dir: str | os.PathLike[str]) -> ModelInfo:
     path = Path(storage.resolve(name))
     if not path.is_dir():
         raise ModelDirectoryError(name, "model directory not found", "train a model first or check the path")
+    path, version = _served_dir(name, path)
+    if version is not None:
+        name = f"{name} (champion {version})"
     marker = path / MARKER_FILE
     if not marker.is_file():
         raise ModelDirectoryError(
@@ -158,7 +194,7 @@ def inspect_model_dir(model_dir: str | os.PathLike[str]) -> ModelInfo:
         raise ModelDirectoryError(name, f"{LABEL_MAP_FILE} is unreadable: {exc!r}") from exc
     if mapped != labels:
         raise ModelDirectoryError(name, f"{LABEL_MAP_FILE} ({mapped}) does not match {MARKER_FILE} ({labels})")
-    return ModelInfo(str(path), [str(x) for x in labels], int(metadata.get("max_length", 128)), metadata)
+    return ModelInfo(str(path), [str(x) for x in labels], int(metadata.get("max_length", 128)), metadata, version)
 
 
 @dataclass(frozen=True)
@@ -168,9 +204,13 @@ class Prediction:
 
 
 class Classifier:
-    """A loaded classifier; ``load`` caches per directory so a warm worker does not reload."""
+    """A loaded classifier; ``load`` caches per directory so a warm worker does not reload.
 
-    _cache: dict[tuple[str, float], "Classifier"] = {}
+    The cache is keyed by the location asked for and checked against what it serves now (the
+    champion's version and marker), so a promotion or a restore is picked up on the next load.
+    """
+
+    _cache: dict[str, tuple[tuple[str, float], "Classifier"]] = {}
     _lock = threading.Lock()
 
     def __init__(self, info: ModelInfo, model: MeanPoolingClassifier, tokenizer: Any, device: torch.device) -> None:
@@ -185,13 +225,13 @@ class Classifier:
         info = inspect_model_dir(model_dir)
         marker_mtime = os.path.getmtime(os.path.join(info.model_dir, MARKER_FILE))
         key = (info.model_dir, marker_mtime)  # a re-trained model in the same directory is reloaded
+        asked = storage.resolve(os.fspath(model_dir))
         with cls._lock:
-            cached = cls._cache.get(key)
-            if cached is not None:
-                return cached
+            cached = cls._cache.get(asked)
+            if cached is not None and cached[0] == key:
+                return cached[1]
             classifier = cls._load_uncached(info, torch.device(device) if device else pick_device())
-            cls._cache = {k: v for k, v in cls._cache.items() if k[0] != info.model_dir}
-            cls._cache[key] = classifier
+            cls._cache[asked] = (key, classifier)
             return classifier
 
     @staticmethod

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         ),
     )
 
+    run_heartbeat_seconds: int = Field(
+        default=0, ge=0,
+        description="A flow run emits a heartbeat this often from its own hooks"
+        " (taskserver.flows.heartbeats); 0: it emits none. The job lane's deployments set 30; on"
+        " the warm lane the worker emits them.",
+    )
     warm_interpreters: int = Field(
         default=0, ge=0,
         description="Interpreters a warm-lane worker keeps (its run slots); 0 means the worker's"
@@ -72,7 +78,20 @@ class Settings(BaseSettings):
     )
     warm_threads: int = Field(
         default=0, ge=0,
-        description="Torch/BLAS threads per warm interpreter; 0 shares the CPU cores between them.",
+        description="Torch threads per warm-lane run; 0: a run alone on its worker gets every core, runs"
+        " that start beside others share them.",
+    )
+
+    mlflow_tracking_uri: str = Field(
+        default="",
+        description=(
+            "MLflow tracking URI (file:///path, sqlite:///path, http://host:5000) that training runs"
+            " log parameters, per-epoch metrics and the model to; needs the `mlflow` extra. Empty: no"
+            " tracking. `taskserver up` sets file://<home>/mlruns when the extra is installed."
+        ),
+    )
+    mlflow_experiment: str = Field(
+        default="taskserver-train", description="MLflow experiment that training runs are logged under."
     )
 
     @field_validator("notify_completed", "warm_preload", mode="before")
@@ -86,6 +105,13 @@ class Settings(BaseSettings):
     @property
     def data_location(self) -> str:
         return self.data_dir or str(self.home / "data")
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field`` (e.g. ``TASKSERVER_RUN_HEARTBEAT_SECONDS``)."""
+    if field not in Settings.model_fields:
+        raise KeyError(f"no setting named {field!r}")
+    return f"{Settings.model_config['env_prefix']}{field.upper()}"
 
 
 @lru_cache(maxsize=1)

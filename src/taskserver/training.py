@@ -8,6 +8,7 @@ retried job continues instead of starting over.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -38,6 +39,10 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "taskserver-state.json"
 MODEL_SUBDIR = "model"
+BEST_DIR = "best"
+"""``<output_dir>/best/step-N``: the model of the best epoch so far, while later epochs train."""
+GROUP_BATCHES = 50
+"""Length grouping sorts rows within windows of this many batches: little padding, still shuffled."""
 PROGRESS_PREFIX = "TASKSERVER_PROGRESS "
 
 
@@ -64,6 +69,13 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(default=2, ge=1, description="How many of the newest checkpoints to keep.")
     seed: int = Field(default=0, description="Seed for the split, shuffling and initialisation.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many steps in all.")
+    early_stopping_patience: int | None = Field(
+        default=2, ge=1,
+        description="Stop after this many epochs without a better validation macro-F1; None trains every epoch.",
+    )
+    group_by_length: bool = Field(
+        default=True, description="Batch rows of similar token length together (less padding, same seeded order)."
+    )
     base_model: str | None = Field(
         default=None, description="Encoder to start from; default: the bundled all-MiniLM-L6-v2."
     )
@@ -100,10 +112,19 @@ class TrainResult:
     train_rows: int = 0
     validation_rows: int = 0
     num_processes: int = 1
+    best_epoch: int | None = None
+    stopped_early: bool = False
+    data_sha256: dict[str, str] = field(default_factory=dict)
 
     @property
     def final(self) -> EpochMetrics | None:
+        """The last epoch trained."""
         return self.history[-1] if self.history else None
+
+    @property
+    def best(self) -> EpochMetrics | None:
+        """The epoch whose model was kept (best validation macro-F1)."""
+        return next((m for m in self.history if m.epoch == self.best_epoch), self.final)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,8 +173,8 @@ class Example:
     label: str
 
 
-def _read_rows(path: str, columns: tuple[str, str]) -> list[Example]:
-    """Rows of a JSONL or CSV file, with every data problem named by file, row and column."""
+def _read_rows(path: str, columns: tuple[str, str]) -> tuple[list[Example], str]:
+    """Rows of a JSONL or CSV file and the file's sha256; every data problem named by file, row and column."""
     text_column, label_column = columns
     try:
         raw = storage.read_bytes(path)
@@ -210,7 +231,7 @@ def _read_rows(path: str, columns: tuple[str, str]) -> list[Example]:
         if not isinstance(text, str) or not text.strip():
             raise TrainingDataError(where, f"missing or non-string text in column {text_column!r}")
         examples.append(Example(text, str(label).strip()))
-    return examples
+    return examples, hashlib.sha256(raw).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -218,12 +239,15 @@ class Dataset:
     train: list[Example]
     validation: list[Example]
     labels: list[str]
+    sha256: dict[str, str] = field(default_factory=dict)
+    """Each file read (data, and validation when separate) -> sha256 of its bytes: the data's lineage."""
 
 
 def load_dataset(config: TrainConfig) -> Dataset:
     """Read and split the data; raise TrainingDataError for anything that cannot train a classifier."""
     columns = (config.text_column, config.label_column)
-    rows = _read_rows(config.data_path, columns)
+    rows, digest = _read_rows(config.data_path, columns)
+    sha256 = {config.data_path: digest}
     labels = sorted({row.label for row in rows})
     if len(labels) < 2:
         raise TrainingDataError(
@@ -231,13 +255,13 @@ def load_dataset(config: TrainConfig) -> Dataset:
             f"only one class ({labels[0]!r}) in {len(rows)} rows; a classifier needs at least two",
         )
     if config.validation_path:
-        validation = _read_rows(config.validation_path, columns)
+        validation, sha256[config.validation_path] = _read_rows(config.validation_path, columns)
         unknown = sorted({row.label for row in validation} - set(labels))
         if unknown:
             raise TrainingDataError(
                 config.validation_path, f"labels not in the training file: {', '.join(map(repr, unknown))}"
             )
-        return Dataset(rows, validation, labels)
+        return Dataset(rows, validation, labels, sha256)
 
     rng = random.Random(config.seed)
     by_label: dict[str, list[Example]] = {}
@@ -259,19 +283,26 @@ def load_dataset(config: TrainConfig) -> Dataset:
         )
     rng.shuffle(train)
     rng.shuffle(validation)
-    return Dataset(train, validation, labels)
+    return Dataset(train, validation, labels, sha256)
 
 
-class _EpochShuffle:
-    """A sampler whose order depends only on (seed, epoch), so a resumed run sees the same batches.
+class EpochOrder:
+    """The training order of one epoch, a function of (seed, epoch) only, so a resumed run sees the same batches.
+
+    With ``lengths``, rows are grouped by length: shuffled, sorted by length within windows of
+    GROUP_BATCHES batches, cut into batches, and the full batches shuffled again (the one short
+    batch stays last, so every later batch keeps its boundaries). Consecutive runs of
+    ``batch_size`` indices are the batches, which is also how accelerate shards them.
 
     The method is not called ``set_epoch`` on purpose: accelerate calls that itself with its own
     iteration counter, which restarts at zero in a resumed process.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, batch_size: int = 1, lengths: Sequence[int] | None = None) -> None:
         self.size = size
         self.seed = seed
+        self.batch_size = batch_size
+        self.lengths = list(lengths) if lengths is not None else None
         self.epoch = 0
 
     def use_epoch(self, epoch: int) -> None:
@@ -279,8 +310,19 @@ class _EpochShuffle:
 
     def __iter__(self) -> Iterator[int]:
         order = list(range(self.size))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return iter(order)
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        rng.shuffle(order)
+        if self.lengths is None:
+            return iter(order)
+        size, window = self.batch_size, self.batch_size * GROUP_BATCHES
+        batches: list[list[int]] = []
+        for start in range(0, len(order), window):
+            group = sorted(order[start:start + window], key=self.lengths.__getitem__, reverse=True)
+            batches += [group[i:i + size] for i in range(0, len(group), size)]
+        full = [batch for batch in batches if len(batch) == size]
+        rng.shuffle(full)
+        short = [batch for batch in batches if len(batch) < size]
+        return iter([index for batch in full + short for index in batch])
 
     def __len__(self) -> int:
         return self.size
@@ -335,15 +377,51 @@ def _checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def _job_identity(config: TrainConfig, labels: Sequence[str], base_model: str, num_processes: int) -> dict[str, Any]:
-    """What must match for a checkpoint to belong to this job."""
+def _job_identity(config: TrainConfig, data: Dataset, base_model: str, num_processes: int) -> dict[str, Any]:
+    """What must match for a checkpoint to belong to this job (the same data, batches and model)."""
     return {
-        "labels": list(labels),
+        "labels": list(data.labels),
         "base_model": base_model,
         "batch_size": config.batch_size,
         "num_processes": num_processes,
         "max_length": config.max_length,
+        "group_by_length": config.group_by_length,
+        "data_sha256": sorted(data.sha256.values()),
     }
+
+
+def best_epoch_index(history: Sequence[EpochMetrics]) -> int | None:
+    """Index of the best epoch: highest validation macro-F1, then lowest validation loss, then earliest."""
+    if not history:
+        return None
+    return max(range(len(history)), key=lambda i: (history[i].val_macro_f1, -history[i].val_loss, -i))
+
+
+def should_stop_early(history: Sequence[EpochMetrics], patience: int | None) -> bool:
+    """True once ``patience`` epochs in a row have not beaten the best one."""
+    best = best_epoch_index(history)
+    return patience is not None and best is not None and len(history) - 1 - best >= patience
+
+
+def snapshot_dir(output_dir: str, step: int) -> Path:
+    return Path(output_dir) / BEST_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def _prune_snapshots(output_dir: str) -> None:
+    """Keep the best-epoch snapshot each kept checkpoint refers to; delete the others."""
+    wanted = set()
+    for checkpoint in list_checkpoints(output_dir):
+        try:
+            history = [EpochMetrics(**m) for m in json.loads((checkpoint / STATE_FILE).read_text("utf-8"))["history"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        best = best_epoch_index(history)
+        if best is not None:
+            wanted.add(snapshot_dir(output_dir, history[best].step).name)
+    root = Path(output_dir) / BEST_DIR
+    for child in root.iterdir() if root.is_dir() else ():
+        if child.name not in wanted:
+            shutil.rmtree(child, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -385,7 +463,7 @@ def train_classifier(
     config: TrainConfig,
     on_progress: Callable[[TrainProgress], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume training) and save the final model under ``<output_dir>/model``.
+    """Train (or resume training) and save the best epoch's model under ``<output_dir>/model``.
 
     Works the same in one process and in each process of ``accelerate launch``.
     """
@@ -393,57 +471,22 @@ def train_classifier(
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
 
-    from taskserver.inference import build_model, default_base_model, save_model
+    from taskserver.inference import default_base_model
 
     started = time.perf_counter()
-    output_dir = storage.resolve(config.output_dir)
-    if storage.is_url(output_dir) and not output_dir.startswith("file://"):
-        raise ParameterError(
-            config.output_dir, "training writes checkpoints to a filesystem path", "use a local or mounted directory"
-        )
-    output_dir = output_dir.removeprefix("file://")
+    output_dir = _checkpoint_location(config)
     data = load_dataset(config)
     base_model = config.base_model or default_base_model()
-    label_to_id = {label: i for i, label in enumerate(data.labels)}
 
     accelerator = Accelerator()
     is_main = accelerator.is_main_process
     report = on_progress if (on_progress is not None and is_main) else None
     set_seed(config.seed)
-
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    try:
-        model = build_model(base_model, len(data.labels))
-    except OSError as exc:
-        raise ParameterError(base_model, f"cannot load the base model: {exc}") from exc
-
-    def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
-        encoded = tokenizer(
-            [row.text for row in batch], padding=True, truncation=True,
-            max_length=config.max_length, return_tensors="pt",
-        )
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            "labels": torch.tensor([label_to_id[row.label] for row in batch]),
-        }
-
-    sampler = _EpochShuffle(len(data.train), config.seed)
-    train_loader = torch.utils.data.DataLoader(
-        data.train, batch_size=config.batch_size, sampler=sampler, collate_fn=collate
-    )
-    val_loader = torch.utils.data.DataLoader(
-        data.validation, batch_size=max(config.batch_size, 32), shuffle=False, collate_fn=collate
-    )
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm")
-    params = [
-        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
-         "weight_decay": config.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+    tokenizer, model = _load_base(base_model, len(data.labels))
+    sampler, train_loader, val_loader = _loaders(config, data, tokenizer)
+    optimizer = _optimizer(config, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     steps_per_epoch = len(train_loader)
@@ -455,7 +498,7 @@ def train_classifier(
     )
     scheduler = accelerator.prepare(scheduler)
 
-    identity = _job_identity(config, data.labels, base_model, accelerator.num_processes)
+    identity = _job_identity(config, data, base_model, accelerator.num_processes)
     step, history, epoch_loss, resumed_from = _resume(accelerator, output_dir, identity)
     if report:
         report(TrainProgress("start", step, total_steps, step // max(steps_per_epoch, 1),
@@ -473,51 +516,45 @@ def train_classifier(
             storage.write_text(str(path / STATE_FILE), json.dumps(state, indent=2))  # written last: "complete"
             for old in list_checkpoints(output_dir)[:-config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+            _prune_snapshots(output_dir)
         accelerator.wait_for_everyone()
         if report:
             report(TrainProgress("checkpoint", step, total_steps, step // steps_per_epoch, checkpoint=str(path)))
         return path
 
+    stop = should_stop_early(history, config.early_stopping_patience)  # a resumed run that had stopped
     with _SigtermFlag() as sigterm:
         epoch_started = time.perf_counter()
-        while step < total_steps:
+        while step < total_steps and not stop:
             epoch, skip = divmod(step, steps_per_epoch)
             sampler.use_epoch(epoch)
             model.train()
-            loader = _skip_batches(train_loader, skip)
-            for batch in loader:
-                logits = model(batch["input_ids"], batch["attention_mask"])
-                loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            for batch in _skip_batches(train_loader, skip):
+                step_loss = _train_step(accelerator, model, optimizer, scheduler, batch)
                 step += 1
-                step_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
                 epoch_loss[0] += step_loss
                 epoch_loss[1] += 1
                 if report:
                     report(TrainProgress("step", step, total_steps, epoch, loss=step_loss))
 
-                end_of_epoch = step % steps_per_epoch == 0
-                if end_of_epoch or step == total_steps:
-                    metrics = _evaluate(accelerator, model, val_loader)
+                if step % steps_per_epoch == 0 or step == total_steps:
                     history.append(EpochMetrics(
-                        epoch=epoch + 1,
-                        step=step,
-                        train_loss=epoch_loss[0] / max(epoch_loss[1], 1),
-                        seconds=time.perf_counter() - epoch_started,
-                        **metrics,
+                        epoch=epoch + 1, step=step, train_loss=epoch_loss[0] / max(epoch_loss[1], 1),
+                        seconds=time.perf_counter() - epoch_started, **_evaluate(accelerator, model, val_loader),
                     ))
                     epoch_loss = [0.0, 0]
                     epoch_started = time.perf_counter()
                     model.train()
+                    stop = should_stop_early(history, config.early_stopping_patience)
+                    if is_main and step < total_steps and best_epoch_index(history) == len(history) - 1:
+                        _save_snapshot(accelerator.unwrap_model(model), tokenizer, output_dir, step, data,
+                                       base_model, config.max_length)
                     if report:
                         report(TrainProgress("epoch", step, total_steps, epoch + 1, metrics=history[-1]))
                 if sigterm.raised:
                     accelerator.set_trigger()
                 interrupted = accelerator.check_trigger()
-                if step % config.checkpoint_every == 0 or step == total_steps or interrupted:
+                if step % config.checkpoint_every == 0 or step == total_steps or interrupted or stop:
                     save_checkpoint()
                 if interrupted:
                     sigterm.pass_on()
@@ -525,24 +562,26 @@ def train_classifier(
                         config.output_dir, f"stopped by SIGTERM at step {step}; a checkpoint was saved",
                         "run the same job again to resume",
                     )
-                if step >= total_steps:
+                if step >= total_steps or stop:
                     break
 
     model_dir = Path(output_dir) / MODEL_SUBDIR
-    final = history[-1] if history else None
+    best = best_epoch_index(history)
+    kept_step = history[best].step if best is not None else step
     if is_main:
-        save_model(
-            accelerator.unwrap_model(model), tokenizer, model_dir,
-            labels=data.labels, base_model=base_model, max_length=config.max_length,
-            extra={
-                "trained_steps": step,
-                "train_rows": len(data.train),
-                "validation_rows": len(data.validation),
-                "metrics": asdict(final) if final else None,
-                "history": [asdict(m) for m in history],
-                "data_path": config.data_path,
-            },
-        )
+        extra = {
+            "trained_steps": step,
+            "train_rows": len(data.train),
+            "validation_rows": len(data.validation),
+            "metrics": asdict(history[best]) if best is not None else None,
+            "selected_epoch": history[best].epoch if best is not None else None,
+            "stopped_early": stop,
+            "history": [asdict(m) for m in history],
+            "data_path": config.data_path,
+            "data_sha256": data.sha256,
+        }
+        kept_step = _save_final(accelerator.unwrap_model(model), tokenizer, model_dir, output_dir,
+                                kept_step, step, data, base_model, config, extra)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
@@ -556,7 +595,125 @@ def train_classifier(
         train_rows=len(data.train),
         validation_rows=len(data.validation),
         num_processes=accelerator.num_processes,
+        best_epoch=next((m.epoch for m in history if m.step == kept_step), None),
+        stopped_early=stop,
+        data_sha256=data.sha256,
     )
+
+
+def _checkpoint_location(config: TrainConfig) -> str:
+    output_dir = storage.resolve(config.output_dir)
+    if storage.is_url(output_dir) and not output_dir.startswith("file://"):
+        raise ParameterError(
+            config.output_dir, "training writes checkpoints to a filesystem path", "use a local or mounted directory"
+        )
+    return output_dir.removeprefix("file://")
+
+
+def _load_base(base_model: str, num_labels: int) -> tuple[Any, Any]:
+    from transformers import AutoTokenizer
+
+    from taskserver.inference import build_model
+
+    try:
+        return AutoTokenizer.from_pretrained(base_model), build_model(base_model, num_labels)
+    except OSError as exc:
+        raise ParameterError(base_model, f"cannot load the base model: {exc}") from exc
+
+
+def _loaders(config: TrainConfig, data: Dataset, tokenizer: Any) -> tuple[EpochOrder, Any, Any]:
+    """The epoch order and the training and validation loaders (validation sorted by length: less padding)."""
+    import torch
+
+    label_to_id = {label: i for i, label in enumerate(data.labels)}
+
+    def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
+        encoded = tokenizer(
+            [row.text for row in batch], padding=True, truncation=True,
+            max_length=config.max_length, return_tensors="pt",
+        )
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "labels": torch.tensor([label_to_id[row.label] for row in batch]),
+        }
+
+    def lengths(rows: list[Example]) -> list[int]:
+        ids = tokenizer([row.text for row in rows], truncation=True, max_length=config.max_length)["input_ids"]
+        return [len(x) for x in ids]
+
+    order = EpochOrder(len(data.train), config.seed, config.batch_size,
+                       lengths(data.train) if config.group_by_length else None)
+    train_loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, sampler=order,
+                                               collate_fn=collate)
+    val_lengths = lengths(data.validation)
+    validation = [row for _, row in sorted(zip(val_lengths, data.validation), key=lambda pair: pair[0])]
+    val_loader = torch.utils.data.DataLoader(validation, batch_size=max(config.batch_size, 32), shuffle=False,
+                                             collate_fn=collate)
+    return order, train_loader, val_loader
+
+
+def _optimizer(config: TrainConfig, model: Any) -> Any:
+    import torch
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm")
+    params = [
+        {"params": [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)],
+         "weight_decay": config.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(params, lr=config.learning_rate)
+
+
+def _train_step(accelerator: Any, model: Any, optimizer: Any, scheduler: Any, batch: dict[str, Any]) -> float:
+    """One optimizer step; the loss averaged over processes."""
+    import torch
+
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    accelerator.backward(loss)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(loss.detach(), reduction="mean").item())
+
+
+def _save_snapshot(model: Any, tokenizer: Any, output_dir: str, step: int, data: Dataset,
+                   base_model: str, max_length: int) -> None:
+    """The model of a new best epoch, kept until a later epoch beats it (it may be the one kept in the end)."""
+    from taskserver.inference import save_model
+
+    save_model(model, tokenizer, snapshot_dir(output_dir, step), labels=data.labels, base_model=base_model,
+               max_length=max_length, extra={"trained_steps": step})
+
+
+def _save_final(model: Any, tokenizer: Any, model_dir: Path, output_dir: str, best_step: int, step: int,
+                data: Dataset, base_model: str, config: TrainConfig, extra: dict[str, Any]) -> int:
+    """Write ``<output_dir>/model``: the live model if its epoch is the best, else the best epoch's snapshot.
+
+    Returns the step of the model written."""
+    from taskserver.inference import MARKER_FILE, inspect_model_dir, save_model
+
+    snapshot = snapshot_dir(output_dir, best_step)
+    if best_step != step:
+        try:
+            inspect_model_dir(snapshot)
+        except TaskserverError as exc:
+            _warn(f"the best epoch's model (step {best_step}) is not readable ({exc}); keeping the last epoch's")
+            last = extra["history"][-1] if extra.get("history") else None
+            extra = {**extra, "metrics": last, "selected_epoch": last["epoch"] if last else None}
+        else:
+            staging = model_dir.with_name(f".{model_dir.name}-{uuid.uuid4().hex[:8]}")
+            shutil.copytree(snapshot, staging)
+            marker = staging / MARKER_FILE
+            metadata = {**json.loads(marker.read_text("utf-8")), **extra}
+            storage.write_text(str(marker), json.dumps(metadata, indent=2, default=str))
+            shutil.rmtree(model_dir, ignore_errors=True)
+            os.replace(staging, model_dir)
+            return best_step
+    save_model(model, tokenizer, model_dir, labels=data.labels, base_model=base_model,
+               max_length=config.max_length, extra=extra)
+    return step
 
 
 def _skip_batches(loader: Any, batches: int) -> Any:

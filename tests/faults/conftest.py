@@ -32,6 +32,7 @@ def platform_server(tmp_path_factory):
 prefect_server = _integration.prefect_server
 start_worker = _integration.start_worker
 records = _integration.records
+postgres_cluster = _integration.postgres_cluster
 postgres_url = _integration.postgres_url
 clean_queues = _integration.clean_queues
 

@@ -8,7 +8,6 @@ Completed exactly once: one probe start line per label and one Completed flow ru
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import threading
 import time
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from outage_support import PostgresCluster, postgres_bin  # noqa: I001 - puts tests/integration on sys.path
 from platform_support import (
     BIN, PrefectServer, WorkerProcess, base_env, probe_params, read_done, read_starts, wait_until,
 )
@@ -39,17 +37,9 @@ made during the outage fails at once with the 500.
 
 
 @pytest.fixture
-def cluster():
-    bindir = postgres_bin()
-    if bindir is None:
-        pytest.skip("Postgres binaries (initdb, pg_ctl) not found: apt-get install postgresql")
-    if os.geteuid() == 0 and not Path("/usr/sbin/runuser").exists() and not Path("/sbin/runuser").exists():
-        pytest.skip("running as root and runuser is missing; cannot start Postgres")
-    created = PostgresCluster(bindir).create()
-    try:
-        yield created
-    finally:
-        created.destroy()
+def cluster(postgres_cluster):
+    """The embedded PostgreSQL on a loopback port; the test stops it and starts it again."""
+    return postgres_cluster
 
 
 def _submit_cli(api_url: str, label: str, records: Path, seconds: float) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ Everything here is a subprocess on 127.0.0.1 started by the fixture and stopped 
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import tempfile
@@ -82,46 +81,27 @@ def records(tmp_path) -> Path:
 
 # -- Postgres ----------------------------------------------------------------------------------
 
-def _postgres_bin() -> Path | None:
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
-            return Path(candidate)
-    found = shutil.which("initdb")
-    return Path(found).parent if found and shutil.which("pg_ctl") else None
+@pytest.fixture
+def postgres_cluster():
+    """A throwaway PostgreSQL on a loopback port: the local stack's own embedded server
+    (``taskserver.platform.local_postgres``), so the tests need no Debian package. A test may
+    stop and start it (``.stop()`` / ``.start()``: the outage faults)."""
+    from taskserver.platform.local_postgres import LocalPostgres
+
+    # Outside pytest's tmp tree: its paths can pass the 107-byte socket-name limit.
+    base = Path(tempfile.mkdtemp(prefix="taskserver-pg-"))
+    cluster = LocalPostgres(base / "data", port=free_port())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
-def postgres_url(tmp_path):
-    """A throwaway Postgres cluster (initdb + pg_ctl) on a loopback port; skips without the binaries."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.skip("Postgres binaries (initdb, pg_ctl) not found: apt-get install postgresql")
-    # Outside pytest's 0700 tmp tree, so the postgres user (when we are root) can reach it.
-    base = Path(tempfile.mkdtemp(prefix="taskserver-pg-"))
-    data = base / "data"
-    port = free_port()
-    run_as: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root; run the cluster as the postgres user
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root and runuser is missing; cannot start Postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, "postgres", "postgres")
-    result = subprocess.run(run_as + [str(bindir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust",
-                                      "-E", "UTF8"], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"initdb failed: {result.stderr}")
-    log = base / "postgres.log"
-    subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
-                             f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        subprocess.run(run_as + [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect",
-                                 "prefect"], check=True, capture_output=True)
-        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
-    finally:
-        subprocess.run(run_as + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+def postgres_url(postgres_cluster) -> str:
+    return postgres_cluster.url
 
 
 @pytest.fixture

@@ -80,3 +80,23 @@ def test_rerun_writes_the_same_collection_without_duplicates(tmp_path):
     assert (tmp_path / "out" / "chunks.jsonl").read_text() == before
     assert second.chunks == first.chunks
     assert len(set(Collection(second.output_dir).chunks())) == second.chunks
+
+
+def test_encrypted_pdfs_are_ingested_with_the_password_from_a_secret_block(tmp_path):
+    from prefect.blocks.system import Secret
+
+    from taskserver.flows.ingest import ingest_documents
+
+    Secret(value="Ingest-Pw-5120").save("ingest-pdf-password", overwrite=True)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    pdf_factory.encrypted_pdf(inputs / "locked.pdf", password="Ingest-Pw-5120", algorithm="RC4-128")
+    pdf_factory.text_pdf(inputs / "open.pdf", pages=2, seed=11)
+
+    summary = ingest_documents(
+        inputs=str(inputs), output_dir=str(tmp_path / "out"), password_secrets={"locked.pdf": "ingest-pdf-password"}
+    )
+
+    assert summary.documents == 2 and summary.failures == {}
+    sources = {row["source"] for row in Collection(summary.output_dir).chunks().values()}
+    assert sources == {str(inputs / "locked.pdf"), str(inputs / "open.pdf")}

@@ -28,6 +28,9 @@ def test_up_submit_down_up_keeps_state_and_refuses_conflicts(tmp_path):
         started = _cli(home, "up", "--port", str(port), "--with-probe")
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"Prefect UI: http://127.0.0.1:{port}" in started.stdout
+        # The default database: the embedded PostgreSQL, its data under the home.
+        assert f"PostgreSQL started: data in {home / 'postgres'}" in started.stdout
+        assert json.loads((home / "run" / "stack.json").read_text())["database_url"].startswith("postgresql+asyncpg://")
 
         again = _cli(home, "up", "--port", str(port))
         assert again.returncode == 2 and "already running" in again.stderr
@@ -45,7 +48,9 @@ def test_up_submit_down_up_keeps_state_and_refuses_conflicts(tmp_path):
         assert half.returncode == 2 and "half-running" in half.stderr
 
         stopped = _cli(home, "down")
-        assert stopped.returncode == 0 and "stopped server" in stopped.stdout
+        assert stopped.returncode == 0 and "stopped server" in stopped.stdout, stopped.stdout + stopped.stderr
+        assert "stopped postgres" in stopped.stdout
+        assert not (home / "postgres" / "postmaster.pid").exists()  # a clean shutdown, not a kill
         assert not list((home / "run").glob("*.pid"))
 
         with socket.socket() as blocker:
@@ -62,3 +67,18 @@ def test_up_submit_down_up_keeps_state_and_refuses_conflicts(tmp_path):
         assert "state:      Completed" in shown.stdout and "queue:      cpu/high" in shown.stdout
     finally:
         _cli(home, "down")
+
+
+def test_up_on_sqlite_when_asked_and_a_clear_error_for_an_unknown_database(tmp_path):
+    home = tmp_path / "home"
+    port = free_port()
+    unknown = _cli(home, "up", "--port", str(port), "--database", "oracle")
+    assert unknown.returncode == 2 and "--database oracle" in unknown.stderr and "sqlite" in unknown.stderr
+    try:
+        started = _cli(home, "up", "--port", str(port), "--database", "sqlite")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert json.loads((home / "run" / "stack.json").read_text())["database_url"].startswith("sqlite+aiosqlite:")
+        assert (home / "prefect.db").exists() and not (home / "postgres").exists()
+    finally:
+        stopped = _cli(home, "down")
+    assert "stopped server" in stopped.stdout and "stopped postgres" not in stopped.stdout

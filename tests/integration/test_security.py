@@ -167,4 +167,4 @@ def test_no_credential_appears_in_logs_artifacts_or_the_home(secured_stack):
              if secret.encode() in data]
     assert leaks == []
     state = json.loads((home / "run" / "stack.json").read_text())
-    assert state["database_url"].startswith("postgresql+asyncpg://prefect:***@127.0.0.1:")
+    assert state["database_url"].startswith("postgresql+asyncpg://postgres:***@127.0.0.1:")

@@ -106,3 +106,64 @@ def test_missing_model_directory_fails_the_infer_flow_by_name(tmp_path):
     state = infer(model_dir=str(tmp_path / "no-model"), texts=["hello"], return_state=True)
     assert state.is_failed()
     assert "no-model: model directory not found" in state.message
+
+
+def test_train_promotes_only_a_better_model_tracks_it_in_mlflow_and_infer_serves_the_champion(
+        tmp_path, monkeypatch):
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    from taskserver.flows.infer import infer
+    from taskserver.flows.train import train
+    from taskserver.settings import reload_settings
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("TASKSERVER_MLFLOW_TRACKING_URI", store.as_uri())
+    reload_settings()
+    data = write_rows(tmp_path / "topics.jsonl", topic_rows(20, seed=0))
+    served = tmp_path / "served"
+    common = dict(data_path=str(data), model_dir=str(served), epochs=2, batch_size=16, max_length=32,
+                  checkpoint_every=100, validation_fraction=0.25, return_state=True)
+    try:
+        first = train(**common)
+        assert first.is_completed(), first.message
+        summary = first.result()
+        flow_run_id = str(first.state_details.flow_run_id)
+        assert summary["model_dir"] == str(served) and summary["promotion"]["promoted"]
+        assert summary["promotion"]["champion"] == "v0001"
+        assert summary["challenger_dir"] == str(served / "runs" / flow_run_id / "model")
+        lineage = json.loads((served / "versions" / "v0001" / "lineage.json").read_text())
+        assert lineage["run_id"] == flow_run_id and lineage["mlflow_run_id"] == summary["mlflow_run_id"]
+        assert lineage["data_sha256"] == {str(data): hashlib.sha256(data.read_bytes()).hexdigest()}
+        assert lineage["parameters"]["epochs"] == 2 and lineage["metrics"]["val_macro_f1"] >= 0.8
+
+        client = MlflowClient(store.as_uri())
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["prefect.flow_run_id"] == flow_run_id
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")] == [1, 2]
+        assert "model/classifier_head.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+        artifacts = {a.key: a for a in _read("artifacts", first.state_details.flow_run_id) if a.key}
+        assert summary["mlflow_run_url"] in artifacts["train-summary"].data
+        assert "promoted | yes" in artifacts["train-summary"].data
+
+        second = train(**common)  # the same data and seed: no better, so the champion stays
+        assert second.is_completed(), second.message
+        kept = second.result()["promotion"]
+        assert not kept["promoted"] and kept["champion"] == "v0001" and "stays the champion" in kept["reason"]
+        second_summary = {a.key: a for a in _read("artifacts", second.state_details.flow_run_id) if a.key}
+        assert "promoted | no: " in second_summary["train-summary"].data
+
+        answer = infer(model_dir=str(served), texts=["the striker scored twice"], return_state=True)
+        assert answer.is_completed(), answer.message
+        assert answer.result()["model_version"] == "v0001"
+        assert answer.result()["predictions"][0]["label"] == "sports"
+
+        two_labels = write_rows(tmp_path / "two.jsonl", [r for r in topic_rows(20, seed=1) if r["label"] != "weather"])
+        refused = train(**{**common, "data_path": str(two_labels), "output_dir": str(tmp_path / "refused")})
+        assert refused.is_failed()
+        assert "two.jsonl: labels (cooking, sports) differ from those of the champion v0001" in refused.message
+        assert not (tmp_path / "refused").exists()  # refused before any training
+    finally:
+        monkeypatch.delenv("TASKSERVER_MLFLOW_TRACKING_URI")
+        reload_settings()

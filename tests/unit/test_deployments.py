@@ -38,7 +38,8 @@ def test_one_deployment_per_task_lane_and_priority_in_the_right_pool_and_queue()
                     assert deployment["work_pool"]["name"] == task.pool.name
                     variables = deployment["work_pool"]["job_variables"]
                     assert variables["priority_class_name"] == level.priority_class_name
-                    assert variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+                    # heartbeats from the flows' hooks, not the engine's 1 s-per-run thread
+                    assert variables["env"] == {"TASKSERVER_RUN_HEARTBEAT_SECONDS": "30"}
                 else:  # the warm worker emits heartbeats itself and starts no pods
                     assert deployment["work_pool"]["name"] == WARM_POOL.name
                     assert deployment["work_pool"]["job_variables"] == {}

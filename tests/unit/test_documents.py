@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import pdf_factory  # tests/ is on sys.path (conftest.py)
@@ -235,3 +237,152 @@ def test_inputs_expand_directories_and_globs_and_names_never_collide(tmp_path):
         documents.expand_inputs(str(tmp_path / "*.docx"))
     names = documents.output_names([str(tmp_path / "a.pdf"), str(tmp_path / "sub" / "a.pdf"), str(tmp_path / "b.pdf")])
     assert len(set(names.values())) == 3 and names[str(tmp_path / "b.pdf")] == "b"
+
+
+# --- the pdfminer fallback, for PDFs unstructured returns nothing for --------------------------
+
+
+def _non_whitespace(text: str) -> Counter:
+    return Counter(char for char in unicodedata.normalize("NFKC", text) if not char.isspace())
+
+
+def text_coverage(result: documents.DocumentResult, path: Path) -> float:
+    """Share of the non-whitespace characters pypdf extracts that the chunks hold (as a multiset)."""
+    from pypdf import PdfReader
+
+    expected = _non_whitespace("".join(page.extract_text() or "" for page in PdfReader(path).pages))
+    found = _non_whitespace("".join(c.text for c in result.chunks))
+    return sum(min(count, found[char]) for char, count in expected.items()) / sum(expected.values())
+
+
+@pytest.fixture(scope="module")
+def figure_pdf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A paper-like PDF whose page 3 holds a plotted figure of 12,000 vector operators, as lmer.pdf's page 39."""
+    return pdf_factory.text_pdf(tmp_path_factory.mktemp("figure") / "paper.pdf", pages=4, seed=3, figure_page=3)
+
+
+def test_unstructured_drops_a_pdf_with_a_plotted_figure_because_it_judges_it_too_complex(figure_pdf):
+    from unstructured.partition.pdf import is_pdf_too_complex, partition_pdf
+
+    documents.prepare_unstructured()
+    assert is_pdf_too_complex(filename=str(figure_pdf))  # the cause: one page's operator counts ...
+    assert partition_pdf(filename=str(figure_pdf), strategy="fast", languages=["eng"]) == []  # ... empty the file
+    plain = pdf_factory.text_pdf(figure_pdf.with_name("plain.pdf"), pages=4, seed=3)
+    assert not is_pdf_too_complex(filename=str(plain))
+
+
+def test_pdf_unstructured_returns_nothing_for_is_extracted_by_pdfminer_with_pages_and_titles(figure_pdf, caplog):
+    with caplog.at_level("WARNING", logger="taskserver.documents"):
+        result = documents.process_pdf(figure_pdf, max_characters=400)
+    assert result.extractor == documents.PDFMINER
+    assert {e.extractor for e in result.elements} == {documents.PDFMINER}
+    assert {e.page_number for e in result.elements} == {1, 2, 3, 4}
+    assert set().union(*(c.pages for c in result.chunks)) == {1, 2, 3, 4}
+    titles = [e.text for e in result.elements if e.category == "Title"]
+    assert titles == [f"Report Section {page}.{section}" for page in range(1, 5) for section in (1, 2)]
+    assert {e.category for e in result.elements} == {"Title", "NarrativeText"}
+    assert any(c.text.startswith("Report Section 3.2") for c in result.chunks)  # titles still open chunks
+    assert all(len(c.text) <= 400 for c in result.chunks)
+    assert any("Figure 3: profile of the deviance" in c.text for c in result.chunks)
+    assert text_coverage(result, figure_pdf) >= 0.99
+    assert len({e.element_id for e in result.elements}) == len(result.elements)
+    assert documents.process_pdf(figure_pdf, max_characters=400) == result  # ids and chunks are stable
+    assert "paper.pdf: unstructured returned no elements" in caplog.text
+
+
+def test_a_pdf_read_by_unstructured_keeps_unstructured_as_its_extractor(report_pdf):
+    result = documents.process_pdf(report_pdf)
+    assert result.extractor == documents.UNSTRUCTURED
+    assert {e.extractor for e in result.elements} == {documents.UNSTRUCTURED}
+
+
+def test_split_pdf_falls_back_for_every_part_as_the_whole_file_does(tmp_path):
+    path = pdf_factory.text_pdf(tmp_path / "long-paper.pdf", pages=5, seed=4, figure_page=4)
+    with documents.PdfWorkerPool(2) as pool:
+        split = pool.process(str(path), max_characters=400, split_pages=2)
+    assert split == documents.process_pdf(path, max_characters=400)
+    assert split.extractor == documents.PDFMINER
+    assert {e.page_number for e in split.elements} == {1, 2, 3, 4, 5}
+
+
+def _pdfminer_finds_no_pages(*args, **kwargs):
+    return iter(())
+
+
+def _pdfminer_fails(*args, **kwargs):
+    raise RuntimeError("no parser")
+
+
+@pytest.mark.parametrize(
+    ("pdfminer_result", "reason"),
+    [
+        (_pdfminer_finds_no_pages, "pdfminer's layout analysis found no text, although pdfium finds text on page 1"),
+        (_pdfminer_fails, "pdfminer's layout analysis failed (RuntimeError: no parser)"),
+    ],
+    ids=["pdfminer-finds-nothing", "pdfminer-fails"],
+)
+def test_pdf_no_extractor_reads_is_an_error_naming_what_was_tried(figure_pdf, monkeypatch, pdfminer_result, reason):
+    import pdfminer.high_level
+
+    # No real PDF was found that pdfium reads and pdfminer does not: pdfminer's outcome is stood in for.
+    monkeypatch.setattr(pdfminer.high_level, "extract_pages", pdfminer_result)
+    with pytest.raises(EmptyExtractionError) as caught:
+        documents.process_pdf(figure_pdf)
+    assert "paper.pdf" in str(caught.value)
+    assert "unstructured (strategy fast) returned no elements" in caught.value.reason
+    assert reason in caught.value.reason
+    assert "could not read" not in caught.value.reason  # no library is blamed for what it did not do
+
+
+# --- passwords -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["AES-256", "RC4-128"])
+def test_encrypted_pdf_opens_with_its_password_for_each_algorithm(tmp_path, algorithm):
+    path = pdf_factory.encrypted_pdf(tmp_path / "locked.pdf", password="Kx9-pass", pages=3, algorithm=algorithm)
+    with pytest.raises(EncryptedPdfError, match="needs a password"):
+        documents.process_pdf(path)
+    with pytest.raises(EncryptedPdfError) as caught:
+        documents.process_pdf(path, password="guess-77")
+    assert "locked.pdf" in str(caught.value) and "password is wrong" in caught.value.reason
+    assert "guess-77" not in str(caught.value)
+    result = documents.process_pdf(path, password="Kx9-pass")
+    assert result.page_count == 3 and {e.page_number for e in result.elements} == {1, 2, 3}
+    plain = pdf_factory.text_pdf(tmp_path / "plain.pdf", pages=3)
+    assert result.chunks[0].text == documents.process_pdf(plain).chunks[0].text
+
+
+def test_encrypted_pdf_with_a_plotted_figure_is_read_whole_with_its_password(tmp_path):
+    from pypdf import PdfReader, PdfWriter
+
+    source = pdf_factory.text_pdf(tmp_path / "figure.pdf", pages=4, seed=6, figure_page=2)
+    writer = PdfWriter(clone_from=PdfReader(source))
+    writer.encrypt(user_password="fig-pass", owner_password="fig-owner", algorithm="AES-256")
+    locked = tmp_path / "locked-figure.pdf"
+    with open(locked, "wb") as handle:
+        writer.write(handle)
+    # unstructured's complexity check cannot read encrypted streams, so it reads the file itself ...
+    assert documents.process_pdf(locked, password="fig-pass").extractor == documents.UNSTRUCTURED
+    # ... but a part of it, decrypted for a worker, is too complex: every part then comes from pdfminer
+    with documents.PdfWorkerPool(2) as pool:
+        split = pool.process(str(locked), password="fig-pass", split_pages=2)
+    assert split.extractor == documents.PDFMINER and {e.page_number for e in split.elements} == {1, 2, 3, 4}
+    # and the fallback opens an encrypted file with its password
+    elements = documents._fallback_elements(locked, str(locked), "fig-pass")
+    assert [e.text for e in elements] == [e.text for e in split.elements]
+
+
+def test_batch_of_encrypted_and_plain_pdfs_opens_each_with_its_own_password(tmp_path):
+    aes = str(pdf_factory.encrypted_pdf(tmp_path / "aes.pdf", password="aes-pass", algorithm="AES-256"))
+    rc4 = str(pdf_factory.encrypted_pdf(tmp_path / "rc4.pdf", password="rc4-pass", algorithm="RC4-128"))
+    wrong = str(pdf_factory.encrypted_pdf(tmp_path / "wrong.pdf", password="other"))
+    locked = str(pdf_factory.encrypted_pdf(tmp_path / "no-password.pdf"))
+    plain = str(pdf_factory.text_pdf(tmp_path / "plain.pdf", pages=2, seed=8))
+    passwords = {aes: "aes-pass", rc4: "rc4-pass", wrong: "aes-pass"}
+    outcomes = dict(documents.process_pdfs([aes, rc4, wrong, locked, plain], 400, workers=2, passwords=passwords))
+    assert all(isinstance(outcomes[p], documents.DocumentResult) and outcomes[p].chunks for p in (aes, rc4, plain))
+    assert isinstance(outcomes[wrong], EncryptedPdfError) and "password is wrong" in str(outcomes[wrong])
+    assert "wrong.pdf" in str(outcomes[wrong])
+    assert isinstance(outcomes[locked], EncryptedPdfError) and "needs a password" in str(outcomes[locked])
+    serial = dict(documents.process_pdfs([aes, rc4, plain], 400, workers=1, passwords=passwords))
+    assert {p: serial[p].chunks for p in serial} == {p: outcomes[p].chunks for p in serial}

@@ -229,3 +229,49 @@ def test_two_processes_under_accelerate_launch_train_and_save_a_model(data, tmp_
     classifier = Classifier.load(result.model_dir)
     assert classifier.labels == ["cooking", "sports", "weather"]
     assert len(classifier.predict(["a storm is coming"])) == 1
+
+
+def test_the_best_epoch_is_kept_and_training_stops_once_it_is_not_beaten(data, tmp_path):
+    """Validation labels are a permutation of the true ones, so every epoch of learning makes
+    validation worse: epoch 1 is the best, patience 1 stops after epoch 2 of 3, and the saved model
+    is epoch 1's, not the last one's."""
+    permuted = {"cooking": "sports", "sports": "weather", "weather": "cooking"}
+    validation = write_rows(tmp_path / "val.jsonl", [{"text": r["text"], "label": permuted[r["label"]]}
+                                                      for r in topic_rows(6, seed=5)])
+    config = config_for(data, tmp_path / "run", epochs=3, validation_path=str(validation),
+                        early_stopping_patience=1, checkpoint_every=100)
+    result = train_classifier(config)
+    assert result.stopped_early and result.steps == 16 and [m.epoch for m in result.history] == [1, 2]
+    first, second = result.history
+    assert (first.val_macro_f1, -first.val_loss) > (second.val_macro_f1, -second.val_loss)
+    assert result.best_epoch == 1 and result.best == first
+    marker = json.loads((Path(result.model_dir) / MARKER_FILE).read_text())
+    assert marker["selected_epoch"] == 1 and marker["stopped_early"] is True
+    assert marker["metrics"]["val_loss"] == pytest.approx(first.val_loss) and marker["trained_steps"] == 16
+    snapshot = tmp_path / "run" / "best" / "step-000008"
+    assert (Path(result.model_dir) / "model.safetensors").read_bytes() == (snapshot / "model.safetensors").read_bytes()
+
+    again = train_classifier(config)  # a finished, early-stopped job stays finished
+    assert again.resumed_from_step == 16 and again.steps == 16 and again.best_epoch == 1
+
+
+def test_length_grouped_order_covers_every_row_once_is_seeded_and_pads_less():
+    from taskserver.training import EpochOrder
+
+    rng = random.Random(3)
+    lengths = [rng.randint(4, 128) for _ in range(1000)]
+    grouped = EpochOrder(len(lengths), seed=7, batch_size=16, lengths=lengths)
+    plain = EpochOrder(len(lengths), seed=7, batch_size=16)
+
+    def padding(order: list[int]) -> int:
+        batches = [order[i:i + 16] for i in range(0, len(order), 16)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches)
+
+    first = list(grouped)
+    assert sorted(first) == list(range(1000))
+    assert list(EpochOrder(len(lengths), seed=7, batch_size=16, lengths=lengths)) == first  # same seed, same batches
+    grouped.use_epoch(1)
+    assert list(grouped) != first and sorted(grouped) == list(range(1000))
+    assert padding(first) < 0.2 * padding(list(plain))
+    # the one short batch comes last, so every full batch keeps its boundaries
+    assert len([first[i:i + 16] for i in range(0, 1000, 16)][-1]) == 1000 % 16

@@ -18,6 +18,7 @@ from pydantic import Field
 from taskserver import clustering, encoding, storage
 from taskserver.clustering import KMeansResult, NeighbourIndex
 from taskserver.encoding import Embeddings
+from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import file_fingerprint, markdown_table, publish_summary, retry_transient_only
 
 IndexKind = Literal["auto", "flat", "ivf", "none"]
@@ -75,7 +76,8 @@ def default_output_dir(
     return f"outputs/clusters/{hashlib.sha256(key.encode()).hexdigest()[:20]}"
 
 
-@flow(name="cluster", description="k-means clusters and a nearest-neighbour index over embeddings.")
+@flow(name="cluster", description="k-means clusters and a nearest-neighbour index over embeddings.",
+      **heartbeat_hooks())
 def cluster(
     embeddings: str,
     k: Annotated[int, Field(ge=1)],

@@ -19,6 +19,7 @@ from pydantic import Field
 from taskserver import encoding
 from taskserver.encoding import EmbeddingCache, Embeddings
 from taskserver.errors import BatchFailedError, EncodingInputError, ParameterError
+from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import (
     Progress,
     file_fingerprint,
@@ -77,7 +78,8 @@ def default_output(texts: list[Any] | None, ids: list[str] | None, input_path: s
     return f"outputs/embeddings/{digest.hexdigest()[:20]}.npz"
 
 
-@flow(name="encode", description="Texts to 384-dimensional embeddings with all-MiniLM-L6-v2.")
+@flow(name="encode", description="Texts to 384-dimensional embeddings with all-MiniLM-L6-v2.",
+      **heartbeat_hooks())
 def encode(
     texts: list[str] | None = None,
     input_path: str | None = None,

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from taskserver import encoding, inference, storage
 from taskserver.errors import BatchFailedError, ParameterError
+from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import file_fingerprint, markdown_table, publish_summary, publish_table, retry_transient_only
 from taskserver.inference import Classifier, Prediction
 
@@ -49,7 +50,8 @@ def default_output(model_dir: str, input_path: str) -> str:
     return f"outputs/predictions/{digest.hexdigest()[:20]}.jsonl"
 
 
-@flow(name="infer", description="Batch text classification with a model trained by the train flow.")
+@flow(name="infer", description="Batch text classification with a model trained by the train flow.",
+      **heartbeat_hooks())
 def infer(
     model_dir: str,
     texts: list[str] | None = None,
@@ -60,7 +62,7 @@ def infer(
     """Classify, write predictions, publish label counts; return counts (and predictions for inline texts).
 
     Args:
-        model_dir: The model directory written by the train flow (<output_dir>/model).
+        model_dir: A served location (the train flow's model_dir: its champion is used) or one run's model (<output_dir>/model).
         texts: Texts to classify. Give these or input_path.
         input_path: JSONL with a 'text' (and optional 'id') per line; relative to the data dir.
         output_path: JSONL of id, label, probabilities; default outputs/predictions/<digest>.jsonl for files.
@@ -69,11 +71,12 @@ def infer(
     started = time.perf_counter()
     if (texts is None) == (input_path is None):
         raise ParameterError("texts/input_path", "give exactly one of 'texts' or 'input_path'")
-    inference.inspect_model_dir(model_dir)  # a bad model directory fails before any work, by name
+    # Resolved once: a promotion during this run does not mix two models in one result.
+    served = inference.inspect_model_dir(model_dir)  # a bad model directory fails before any work, by name
     if input_path is not None:
         rows = read_texts(input_path)
         ids, items = [r[0] for r in rows], [r[1] for r in rows]
-        output_path = output_path or default_output(model_dir, input_path)
+        output_path = output_path or default_output(served.model_dir, input_path)
     else:
         items = list(texts or [])
         ids = [str(i) for i in range(len(items))]
@@ -87,12 +90,13 @@ def infer(
     ids = [i for row, i in enumerate(ids) if row not in bad_rows]
     items = [text for row, text in enumerate(items) if row not in bad_rows]
     # quote(): Prefect would otherwise walk every text and prediction, per task call.
-    predictions = classify_texts(model_dir, quote(items), batch_size)
+    predictions = classify_texts(served.model_dir, quote(items), batch_size)
     location = write_predictions(quote(predictions), quote(ids), output_path) if output_path else None
     counts = inference.label_counts(predictions)
     seconds = time.perf_counter() - started
     summary: dict[str, Any] = {
         "model_dir": model_dir,
+        "model_version": served.version,
         "count": len(predictions),
         "label_counts": counts,
         "output_path": location,
@@ -104,7 +108,8 @@ def infer(
                                   for i, p in zip(ids, predictions)]
     publish_table("infer-label-counts", [{"label": k, "count": v} for k, v in counts.items()],
                   "Predicted label counts")
-    rows = [("model", f"`{model_dir}`"), ("texts", len(predictions)),
+    rows = [("model", f"`{model_dir}`" + (f" (champion {served.version})" if served.version else "")),
+            ("texts", len(predictions)),
             ("output", f"`{location}`" if location else "-"),
             ("seconds", f"{seconds:.2f} ({len(predictions) / max(seconds, 1e-9):.0f} texts/s)")]
     publish_summary("infer-summary", "Inference",

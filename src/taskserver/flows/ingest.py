@@ -23,6 +23,7 @@ from taskserver.errors import BatchFailedError, DocumentError
 from taskserver.flows.cluster import cluster
 from taskserver.flows.encode import encode
 from taskserver.flows.pdfs import PdfBatchSummary, process_pdfs
+from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import markdown_table, publish_summary
 from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
 from taskserver.platform.routing import deployment_name
@@ -74,8 +75,8 @@ def _completed(state: State, step: str):
     raise DocumentError(step, f"the {step} step ended {state.type.value}: {state.message}")
 
 
-def _pdf_step(inputs: list[str] | str, chunks_dir: str, max_characters: int, workers: int, as_run: bool) -> PdfBatchSummary:
-    parameters = {"inputs": inputs, "output_dir": chunks_dir, "max_characters": max_characters, "workers": workers}
+def _pdf_step(parameters: dict, as_run: bool) -> PdfBatchSummary:
+    """The process-pdfs step; ``parameters`` are its own (Secret block names, never passwords)."""
     state = _run_step(process_pdfs, parameters, as_run)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
@@ -102,7 +103,8 @@ def _write_chunk_catalogue(summary: PdfBatchSummary, location: str) -> int:
     return len(rows)
 
 
-@flow(name="ingest-documents", description="PDFs to chunks to embeddings to clusters and a search index.")
+@flow(name="ingest-documents", description="PDFs to chunks to embeddings to clusters and a search index.",
+      **heartbeat_hooks())
 def ingest_documents(
     inputs: list[str] | str,
     output_dir: str = DEFAULT_OUTPUT_DIR,
@@ -111,6 +113,8 @@ def ingest_documents(
     seed: Annotated[int, Field(ge=0)] = 0,
     workers: Annotated[int, Field(ge=0, le=64)] = 0,
     steps_as_runs: bool = False,
+    password_secret: str | None = None,
+    password_secrets: dict[str, str] | None = None,
 ) -> IngestSummary:
     """Build a searchable, clustered collection from PDFs; bad files are reported, good ones kept.
 
@@ -125,13 +129,21 @@ def ingest_documents(
         steps_as_runs: Run each step as its own deployment run at this run's priority (on
             Kubernetes: its own pod, with its pool's resources) instead of in this run's process.
             Steps hand over only through files in the data location.
+        password_secret: Name of a Prefect Secret block holding the password of the encrypted
+            inputs. Never a password itself.
+        password_secrets: Input file name or location -> name of the Secret block holding its
+            password; overrides password_secret for that file.
     """
     logger = get_run_logger()
     collection = Collection(storage.makedirs(output_dir))
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    pdfs = _pdf_step(inputs, storage.join(collection.location, "pdfs"), max_characters, workers, steps_as_runs)
+    pdf_parameters = {
+        "inputs": inputs, "output_dir": storage.join(collection.location, "pdfs"), "max_characters": max_characters,
+        "workers": workers, "password_secret": password_secret, "password_secrets": password_secrets,
+    }
+    pdfs = _pdf_step(pdf_parameters, steps_as_runs)
     count = _write_chunk_catalogue(pdfs, collection.chunks_location)
     seconds["pdfs"] = round(time.perf_counter() - started, 3)
     if count == 0:

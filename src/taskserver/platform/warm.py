@@ -37,14 +37,13 @@ from uuid import UUID
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
-from prefect import __version__ as prefect_version
 from prefect.client.schemas.objects import FlowRun
-from prefect.events import emit_event
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
-from taskserver.platform.deployments import HEARTBEAT_SECONDS  # as the job lane's runs
+from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV, emit_run_heartbeat
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, QueuePriorityMixin
 from taskserver.platform.tasks import WARM_WORKER_TYPE
+from taskserver.platform.wakeup import WakeOnRunEvents
 from taskserver.settings import get_settings
 
 WORKER_TYPE = WARM_WORKER_TYPE
@@ -139,9 +138,10 @@ class Interpreter:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, BrokenPipeError):
             raise InterpreterLost(await self.process.wait()) from None
 
-    async def execute(self, flow_run_id: UUID, env: dict[str, str | None]) -> Outcome:
+    async def execute(self, flow_run_id: UUID, env: dict[str, str | None], threads: int = 0) -> Outcome:
+        """Run the flow run; ``threads`` (if set) is the torch thread count for this run."""
         self.runs += 1
-        await self._send({"op": "run", "flow_run_id": str(flow_run_id), "env": env})
+        await self._send({"op": "run", "flow_run_id": str(flow_run_id), "env": env, "threads": threads})
         while True:
             reply = await self._receive()
             if reply.get("event") == "finished" and reply.get("flow_run_id") == str(flow_run_id):
@@ -321,32 +321,11 @@ class InterpreterPool:
                 group.start_soon(interpreter.stop)
 
 
-def emit_run_heartbeat(flow_run: FlowRun) -> None:
-    """The ``prefect.flow-run.heartbeat`` event Prefect's engine would emit for this run."""
-    related = []
-    if flow_run.flow_id:
-        related.append({"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}",
-                        "prefect.resource.role": "flow"})
-    if flow_run.deployment_id:
-        related.append({"prefect.resource.id": f"prefect.deployment.{flow_run.deployment_id}",
-                        "prefect.resource.role": "deployment"})
-    for tag in flow_run.tags or []:
-        related.append({"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"})
-    emit_event(
-        event="prefect.flow-run.heartbeat",
-        resource={
-            "prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
-            "prefect.resource.name": flow_run.name or "",
-            "prefect.version": prefect_version,
-        },
-        related=related,
-    )
-
-
 def interpreter_env(base: dict[str, str] | None = None, threads: int = 1) -> dict[str, str]:
     """The interpreters' environment: the worker's, without the per-run heartbeat thread."""
     env = dict(os.environ if base is None else base)
     env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
+    env.pop(RUN_HEARTBEAT_ENV, None)  # this worker sends the heartbeats after the first
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -354,7 +333,8 @@ def interpreter_env(base: dict[str, str] | None = None, threads: int = 1) -> dic
     return env
 
 
-class WarmWorker(QueuePriorityMixin, BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResult]):
+class WarmWorker(WakeOnRunEvents, QueuePriorityMixin,
+                 BaseWorker[WarmJobConfiguration, WarmVariables, WarmWorkerResult]):
     """Runs flow runs in warm interpreters: sub-second starts, same pools, queues and UI."""
 
     type = WORKER_TYPE
@@ -372,9 +352,10 @@ class WarmWorker(QueuePriorityMixin, BaseWorker[WarmJobConfiguration, WarmVariab
             kwargs["limit"] = settings.warm_interpreters or DEFAULT_INTERPRETERS
         super().__init__(*args, **kwargs)
         size = int(self._limit or DEFAULT_INTERPRETERS)
-        threads = settings.warm_threads or max(1, (os.cpu_count() or 1) // size)
+        self._cores = os.cpu_count() or 1
+        self._fixed_threads = settings.warm_threads
         self._pool = InterpreterPool(
-            size, interpreter_env(threads=threads), settings.warm_max_runs,
+            size, interpreter_env(threads=self._fixed_threads or self._cores), settings.warm_max_runs,
             settings.warm_max_rss_mb, self._logger,
         )
         # A run the base class is still submitting (Pending proposal, configuration) is on its
@@ -408,29 +389,43 @@ class WarmWorker(QueuePriorityMixin, BaseWorker[WarmJobConfiguration, WarmVariab
         configuration: WarmJobConfiguration,
         task_status: anyio.abc.TaskStatus[str] | None = None,
     ) -> WarmWorkerResult:
-        async with self._pool.lease(self._priority_of(flow_run), flow_run.id) as interpreter:
-            identifier = f"{self._hostname}:{interpreter.pid}"
-            if task_status is not None:
-                task_status.started(identifier)
-            # The first heartbeat comes from the interpreter once the run is Running (a heartbeat
-            # before Running would be answered by the Running event itself and arm nothing);
-            # this worker sends the ones after, every HEARTBEAT_SECONDS.
-            self._in_flight[flow_run.id] = flow_run
-            try:
-                outcome = await interpreter.execute(flow_run.id, dict(configuration.env))
-            except InterpreterLost as lost:
-                self.get_flow_run_logger(flow_run).error(
-                    f"Warm interpreter {interpreter.number} (pid {interpreter.pid}) exited with code"
-                    f" {lost.returncode} while running this flow run"
+        try:
+            async with self._pool.lease(self._priority_of(flow_run), flow_run.id) as interpreter:
+                identifier = f"{self._hostname}:{interpreter.pid}"
+                if task_status is not None:
+                    task_status.started(identifier)
+                # The first heartbeat comes from the interpreter once the run is Running (a heartbeat
+                # before Running would be answered by the Running event itself and arm nothing);
+                # this worker sends the ones after, every HEARTBEAT_SECONDS.
+                self._in_flight[flow_run.id] = flow_run
+                try:
+                    outcome = await interpreter.execute(flow_run.id, dict(configuration.env),
+                                                        self._threads_for_next_run())
+                except InterpreterLost as lost:
+                    self.get_flow_run_logger(flow_run).error(
+                        f"Warm interpreter {interpreter.number} (pid {interpreter.pid}) exited with code"
+                        f" {lost.returncode} while running this flow run"
+                    )
+                    return WarmWorkerResult(status_code=lost.returncode or -1, identifier=identifier)
+                finally:
+                    self._in_flight.pop(flow_run.id, None)
+                self._logger.debug(
+                    f"{flow_run.id} {outcome.state} in {outcome.seconds:.3f}s on interpreter"
+                    f" {interpreter.number} ({outcome.rss_mb:.0f} MB)"
                 )
-                return WarmWorkerResult(status_code=lost.returncode or -1, identifier=identifier)
-            finally:
-                self._in_flight.pop(flow_run.id, None)
-            self._logger.debug(
-                f"{flow_run.id} {outcome.state} in {outcome.seconds:.3f}s on interpreter"
-                f" {interpreter.number} ({outcome.rss_mb:.0f} MB)"
-            )
-        return WarmWorkerResult(status_code=0, identifier=identifier)
+            return WarmWorkerResult(status_code=0, identifier=identifier)
+        finally:
+            self.wake()  # the interpreter is free again and the slot frees as run() returns
+
+    def _threads_for_next_run(self) -> int:
+        """A run alone on this worker gets every core; runs that start beside others share them.
+
+        A run keeps its count until it ends (torch cannot resize a running run's pool), so a run
+        that starts while another is mid-way gets the share left, never less than one thread.
+        """
+        if self._fixed_threads:
+            return self._fixed_threads
+        return max(1, self._cores // max(1, len(self._in_flight)))
 
     async def kill_infrastructure(
         self, infrastructure_pid: str, configuration: WarmJobConfiguration, grace_seconds: int = 30

@@ -122,7 +122,7 @@ class FlowLoader:
 
 def _first_heartbeat(flow: Any, flow_run: Any, state: Any) -> None:
     """Arms the zombie automation as soon as the run is Running; the worker sends the rest."""
-    from taskserver.platform.warm import emit_run_heartbeat
+    from taskserver.flows.heartbeats import emit_run_heartbeat
 
     emit_run_heartbeat(flow_run)
 
@@ -174,11 +174,21 @@ def serve(commands: IO[str], replies: IO[str]) -> int:
             continue
         started = time.perf_counter()
         flow_run_id = UUID(command["flow_run_id"])
+        _use_threads(command.get("threads") or 0)
         state = execute(flow_run_id, command.get("env") or {}, loader)
         reply(event="finished", flow_run_id=str(flow_run_id), state=state,
               seconds=time.perf_counter() - started, rss_mb=rss_mb())
     _drain()
     return 0
+
+
+def _use_threads(threads: int) -> None:
+    """This run's share of the cores (the worker decides it from how many runs are in flight)."""
+    if threads > 0 and "torch" in sys.modules:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _drain() -> None:
@@ -193,36 +203,20 @@ def _drain() -> None:
         pass
 
 
-@contextmanager
-def without_run_heartbeats() -> Iterator[None]:
-    """Prefect settings for every run here, minus the runs' own heartbeat thread.
-
-    The engine's heartbeat thread sleeps in 1 s steps and is joined when the run ends, which
-    costs ~1 s per run; the environment cannot switch it off (the setting has ``ge=30``), but a
-    settings context can. The worker emits the heartbeats of the runs it executes instead.
-    """
-    from prefect.context import SettingsContext, get_settings_context
-
-    context = get_settings_context()
-    flows = context.settings.flows.model_copy(update={"heartbeat_frequency": None})
-    settings = context.settings.model_copy(update={"flows": flows})
-    with SettingsContext(profile=context.profile, settings=settings):
-        yield
-
-
 def main() -> int:
     _die_with_parent()
     # Replies go to the original stdout; everything the flows print goes to stderr.
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     started = time.perf_counter()
+    from taskserver.flows.heartbeats import without_engine_heartbeats
     from taskserver.settings import get_settings
 
     preload(get_settings().warm_preload)
     replies.write(json.dumps({"event": "ready", "pid": os.getpid(), "rss_mb": rss_mb(),
                               "seconds": time.perf_counter() - started}) + "\n")
     replies.flush()
-    with without_run_heartbeats():
+    with without_engine_heartbeats():
         return serve(sys.stdin, replies)
 
 

@@ -22,7 +22,9 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
+from taskserver.platform import job_engine
 from taskserver.platform.queue_order import QueuePriorityMixin
+from taskserver.platform.wakeup import WakeOnRunEvents
 
 WORKER_TYPE = "taskserver-process"
 """The pool type of the local stack's pools, served by this worker."""
@@ -37,10 +39,21 @@ REQUEUE_API_WAIT_SECONDS = 300.0
 _NOT_STARTED = (StateType.SCHEDULED, StateType.PENDING)
 
 
-class PriorityProcessWorker(QueuePriorityMixin, ProcessWorker):
+class PriorityProcessJobConfiguration(ProcessJobConfiguration):
+    """Runs each flow run through ``taskserver.platform.job_engine`` unless the deployment or pool
+    names a command of its own: Prefect's engine without its ~1 s-per-run heartbeat thread."""
+
+    def prepare_for_flow_run(self, *args: Any, **kwargs: Any) -> None:
+        if self.command is None:
+            self.command = job_engine.COMMAND
+        super().prepare_for_flow_run(*args, **kwargs)
+
+
+class PriorityProcessWorker(WakeOnRunEvents, QueuePriorityMixin, ProcessWorker):
     """Process worker whose flow bodies start in queue-priority order."""
 
     type = WORKER_TYPE
+    job_configuration = PriorityProcessJobConfiguration
     _display_name = "Taskserver process"
     _description = (
         "Runs flow runs as subprocesses, starting each only after every higher-priority run it"
@@ -69,14 +82,17 @@ class PriorityProcessWorker(QueuePriorityMixin, ProcessWorker):
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
         try:
-            await self._wait_for_higher_priority_starts(flow_run)
-            result = await super().run(flow_run, configuration, task_status)
+            try:
+                await self._wait_for_higher_priority_starts(flow_run)
+                result = await super().run(flow_run, configuration, task_status)
+            finally:
+                self._awaiting_start.pop(flow_run.id, None)
+            if result.status_code != 0 and await self._requeue_if_never_started(flow_run):
+                # Handled: the run is Scheduled again, so the base class must not mark it Crashed.
+                return ProcessWorkerResult(status_code=0, identifier=result.identifier)
+            return result
         finally:
-            self._awaiting_start.pop(flow_run.id, None)
-        if result.status_code != 0 and await self._requeue_if_never_started(flow_run):
-            # Handled: the run is Scheduled again, so the base class must not mark it Crashed.
-            return ProcessWorkerResult(status_code=0, identifier=result.identifier)
-        return result
+            self.wake()  # this slot frees as run() returns: look for the next run at once
 
     async def _requeue_if_never_started(self, flow_run: FlowRun) -> bool:
         """A process that died before its run left Pending (typically: the API was down while
