@@ -7,7 +7,8 @@ set -euo pipefail
 packages=(
   redis-server
   podman buildah runc fuse-overlayfs slirp4netns uidmap debootstrap netavark aardvark-dns
-  containernetworking-plugins iptables unzip
+  containernetworking-plugins iptables unzip catatonit chromium
+  chromium
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -731,10 +731,12 @@ def versions() -> dict[str, str]:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     scale = QUICK if args.quick else FULL
-    if args.encode_requests is not None:
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if args.encode_requests is not None:
         scale = replace(scale, encode_requests=args.encode_requests)
+    if args.idle_samples is not None:
+        scale = replace(scale, idle_runs=args.idle_samples)
     chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SYSTEMS))
     if unknown:
@@ -858,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs (about 5 minutes on 2 cores)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON results go")
+    parser.add_argument("--idle-samples", type=int, default=None,
+                        help="idle submit -> body start samples for the fast-polling systems (default 8 quick, 16 full)")
     parser.add_argument("--database", default="postgres",
                         help=f"comma-separated subset of {DATABASES}: the Prefect server's database(s)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work dir (logs, records)")

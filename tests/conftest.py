@@ -50,6 +50,23 @@ def _prefect_clients_follow_the_server():
         drain_prefect_workers()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads(request):
+    """``pytestmark = pytest.mark.torch_threads(N)``: the module's torch ops use N threads, then the
+    count is restored. Fixed counts make results bit-for-bit repeatable and keep a module from
+    oversubscribing the 2 cores."""
+    marker = request.node.get_closest_marker("torch_threads")
+    if marker is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(marker.args[0])
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
     """A private data location: relative paths and caches resolve under ``tmp_path``."""

@@ -29,6 +29,8 @@ app = typer.Typer(
 
 model_app = typer.Typer(no_args_is_help=True, help="Served models: show their versions, restore a previous champion.")
 app.add_typer(model_app, name="model")
+request_app = typer.Typer(no_args_is_help=True, help="The request lane: small encode/infer requests, batched.")
+app.add_typer(request_app, name="request")
 
 DEMO_MANIFEST = "demo.json"
 
@@ -145,6 +147,60 @@ def model_restore(
 
     before, after = restore(model_dir, version)
     typer.echo(f"{model_dir}: now serving {after} (was {before})")
+
+
+@request_app.command("submit")
+@_friendly
+def request_submit(
+    task: str = typer.Argument(..., help="encode or infer."),
+    priority: str = typer.Option(DEFAULT_PRIORITY, "--priority", "-p", help=f"One of: {', '.join(priority_names())}."),
+    param: List[str] = typer.Option([], "--param", help="KEY=VALUE; VALUE is JSON if it parses, else a string."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the result (default) or print the id."),
+    timeout: float = typer.Option(60.0, help="With --wait: give up after this many seconds."),
+) -> None:
+    """Queue one request on the request lane; prints its record (JSON) with the result or error."""
+    from taskserver.platform.request_lane.client import RequestClient
+    from taskserver.platform.request_lane.http import record_json
+
+    with RequestClient() as client:
+        handle = client.submit(task, _parse(param), priority)
+        if not wait:
+            typer.echo(str(handle.id))
+            return
+        record = client.wait([handle.id], timeout)[handle.id]
+    typer.echo(json.dumps(record_json(record)))
+    if record.state != "completed":
+        raise typer.Exit(1)
+
+
+@request_app.command("show")
+@_friendly
+def request_show(request_id: str = typer.Argument(..., help="A request id.")) -> None:
+    """Print one request's record (JSON)."""
+    import uuid
+
+    from taskserver.errors import ParameterError
+    from taskserver.platform.request_lane.client import RequestClient
+    from taskserver.platform.request_lane.http import record_json
+
+    try:
+        key = uuid.UUID(request_id)
+    except ValueError:
+        raise ParameterError(f"request id {request_id!r}", "is not a UUID") from None
+    with RequestClient() as client:
+        found = client.records([key])
+    if key not in found:
+        raise ParameterError(f"request {request_id}", "not found", "never submitted, or past its retention period")
+    typer.echo(json.dumps(record_json(found[key])))
+
+
+@request_app.command("cleanup")
+@_friendly
+def request_cleanup() -> None:
+    """Delete finished requests older than TASKSERVER_REQUEST_RETENTION_HOURS now (drainers also do it)."""
+    from taskserver.platform.request_lane.client import cleanup_now
+
+    typer.echo(f"deleted {cleanup_now()} finished requests")
 
 
 @app.command()

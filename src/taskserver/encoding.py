@@ -24,6 +24,7 @@ import numpy as np
 
 from taskserver import storage
 from taskserver.errors import EncodingInputError, InvalidInputError, ParameterError
+from taskserver.samples import SAMPLE_TEXTS
 from taskserver.settings import get_settings
 
 if TYPE_CHECKING:
@@ -193,6 +194,23 @@ def check_ids(ids: Sequence[Any] | None, count: int, source: str = "texts") -> l
             )
         seen[item] = index
     return result
+
+
+def texts_or_file(
+    texts: Sequence[Any] | None, input_path: str | None, default_path: str = SAMPLE_TEXTS
+) -> tuple[list[Any] | None, str | None]:
+    """``(texts, None)`` or ``(None, input_path)``: the one input of a run that takes either.
+
+    Typed texts win over the form's default file (the deployments' ``input_path``), so a person
+    who types texts gets those embedded; texts and a file the caller chose are refused, since one
+    of them would be ignored. Neither: ``([], None)``, which the caller reports as no texts.
+    """
+    if texts and input_path and input_path != default_path:
+        raise ParameterError("texts/input_path", "both texts and input_path are given",
+                             "give the texts, or a file in input_path, not both")
+    if texts or not input_path:
+        return list(texts or []), None
+    return None, input_path
 
 
 def check_texts(texts: Sequence[Any], ids: Sequence[str], source: str = "texts") -> list[BadText]:

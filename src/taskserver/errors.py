@@ -84,6 +84,18 @@ class ParameterError(InvalidInputError):
         return cls(subject, reason, f"choose one of: {', '.join(choices)}")
 
 
+class RequestLaneError(TaskserverError):
+    """The request lane cannot take or answer a request (its database is unreachable, a wait timed out)."""
+
+
+class RequestTimeoutError(RequestLaneError):
+    """A request did not finish within the time its caller waited; it stays queued or running."""
+
+
+class RequestLostError(RequestLaneError):
+    """A request whose drainer was lost more times than its attempts allow."""
+
+
 class StorageFullError(TaskserverError):
     """The output location has no space left. Not retried: free space, then run again."""
 

@@ -94,6 +94,52 @@ class Settings(BaseSettings):
         default="taskserver-train", description="MLflow experiment that training runs are logged under."
     )
 
+    request_database_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="PostgreSQL that holds the request lane's queue (schema taskserver_requests), as"
+        " postgresql://user:password@host:port/db. Empty: the local stack's embedded PostgreSQL in"
+        " <home>/postgres. A secret: it is never printed in full.",
+    )
+    request_port: int = Field(
+        default=4300, ge=1, le=65535, description="Port of the request lane's HTTP endpoint on 127.0.0.1."
+    )
+    request_batch_size: int = Field(
+        default=64, ge=1, le=4096, description="Most requests one drainer batch (one model call) takes."
+    )
+    request_batch_max_texts: int = Field(
+        default=256, ge=1,
+        description="Most texts one batch takes (its head request always fits): bounds how long a batch"
+        " holds the model, so urgent requests never wait long behind one.",
+    )
+    request_batch_window_ms: float = Field(
+        default=5, ge=0, le=1000,
+        description="A batch that is not full waits this long once for more compatible requests.",
+    )
+    request_lease_seconds: float = Field(
+        default=30, gt=0,
+        description="A drainer holds a claimed request this long and renews it while it works; a"
+        " request whose lease runs out (its drainer died) goes back to the queue.",
+    )
+    request_max_attempts: int = Field(
+        default=3, ge=1, description="Claims a request gets before it fails as lost (each lost drainer is one)."
+    )
+    request_max_texts: int = Field(
+        default=256, ge=1, description="Most texts one request may carry; more are refused by name."
+    )
+    request_max_bytes: int = Field(
+        default=2_000_000, ge=1024, description="Largest request parameters, as JSON bytes; larger ones are refused."
+    )
+    request_retention_hours: float = Field(
+        default=168, gt=0,
+        description="Finished requests (results and errors) are kept this long, then deleted by the"
+        " drainer's cleanup (`taskserver request cleanup` runs it at once).",
+    )
+    request_prefect_records: bool = Field(
+        default=True,
+        description="The drainer records each batch as a Prefect flow run with one task run per request"
+        " (when a Prefect API is configured).",
+    )
+
     @field_validator("notify_completed", "warm_preload", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:

@@ -24,6 +24,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from taskserver.errors import InvalidInputError, StorageFullError, TaskserverError
+from taskserver.samples import SAMPLES_DIR, SAMPLES_PREFIX
 from taskserver.settings import get_settings
 
 
@@ -39,6 +40,8 @@ def resolve(location: str | os.PathLike[str], base: str | None = None) -> str:
     location = os.fspath(location)
     if is_url(location):
         return location
+    if location.startswith(SAMPLES_PREFIX):
+        return os.path.normpath(os.path.join(SAMPLES_DIR, location.removeprefix(SAMPLES_PREFIX)))
     path = os.path.expanduser(location)
     if os.path.isabs(path):
         return os.path.normpath(path)
@@ -46,6 +49,18 @@ def resolve(location: str | os.PathLike[str], base: str | None = None) -> str:
     if is_url(base):
         return base.rstrip("/") + "/" + location
     return os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(base)), path))
+
+
+def relative(location: str) -> str:
+    """``location`` as a person reads it: under the data location relative to it, a shipped sample as
+    ``samples:NAME``, anything else (another folder, a URL) unchanged."""
+    resolved = resolve(location)
+    base = get_settings().data_location
+    for root, prefix in ((base, ""), (os.fspath(SAMPLES_DIR), SAMPLES_PREFIX)):
+        root = root if is_url(root) else os.path.abspath(os.path.expanduser(root))
+        if resolved.startswith(root.rstrip("/") + "/"):
+            return prefix + resolved[len(root.rstrip("/")) + 1:]
+    return resolved
 
 
 def join(location: str, *parts: str) -> str:

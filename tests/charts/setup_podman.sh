@@ -8,7 +8,7 @@ repo_root="$(cd "$(dirname "$0")/../.." && pwd)"
 tools="$repo_root/.tools/podman"
 base_image="localhost/taskserver-debian-base:bookworm"
 packages=(podman buildah runc fuse-overlayfs slirp4netns uidmap debootstrap netavark
-          aardvark-dns containernetworking-plugins iptables)
+          aardvark-dns containernetworking-plugins iptables catatonit)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -220,13 +220,13 @@ def test_image_pull_policies_are_valid(profile: str) -> None:
 def test_no_secret_value_is_written_into_an_env(profile: str) -> None:
     for name, container, _ in containers(render(profile)):
         for env in container.get("env", []):
-            if SECRET_NAME.search(env["name"]) and not env["name"].endswith(("_SECRET_NAME", "_SECRET_KEY")):
+            if SECRET_NAME.search(env["name"]) and not env["name"].endswith(("_SECRET_NAME", "_SECRET_KEY", "_FILE")):
                 assert "valueFrom" in env and "value" not in env, f"{name}: {env['name']} is a literal"
 
 
 def test_auth_is_on_by_default_and_wired_to_server_workers_and_jobs() -> None:
     objects = render("default-values.yaml")
-    (secret,) = [s for s in of_kind(objects, "Secret") if s["metadata"]["name"].endswith("api-auth")]
+    (secret,) = [s for s in of_kind(objects, "Secret") if s["metadata"]["name"].endswith("api-auth") and s["metadata"]["namespace"] == "taskserver"]
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     env_by_container = {name: {e["name"]: e for e in c.get("env", [])} for name, c, _ in containers(objects)}
     server = env_by_container["Deployment/ts-taskserver-server:server"]
@@ -390,8 +390,8 @@ def test_warm_worker_runs_the_warm_worker_type_on_the_warm_pool() -> None:
     assert flag(command, "--name") == "$(POD_NAME)"
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert container["image"] == "taskserver-cpu:0.1.0"
-    assert warm_deployment(objects)["metadata"]["namespace"] == "taskserver"
+    assert container["image"] == "docker.io/library/taskserver-cpu:0.1.0"
+    assert warm_deployment(objects)["metadata"]["namespace"] == "taskserver-jobs"
     assert flag(warm_container(render("minimal-values.yaml"))["command"], "--limit") == "1"
 
 
@@ -537,7 +537,7 @@ def test_warm_gpu_variant_requests_a_gpu_and_is_placed_like_gpu_jobs() -> None:
     gpu = get_gpu("a100")
     spec = warm_deployment(objects)["spec"]["template"]["spec"]
     container = warm_container(objects)
-    assert container["image"] == "taskserver-gpu:0.1.0"
+    assert container["image"] == "docker.io/library/taskserver-gpu:0.1.0"
     assert container["resources"]["limits"][GPU_RESOURCE] == "1"
     assert spec["nodeSelector"] == gpu.node_labels
     for toleration in gpu.tolerations():
@@ -586,5 +586,6 @@ def test_recovery_command_is_accepted_by_the_recovery_module(monkeypatch) -> Non
 
     monkeypatch.setattr(recovery, "serve", record)
     recovery.main(argv)
-    ((interval, max_attempts, lookback, pools, once),) = parsed
+    ((interval, max_attempts, lookback, pools, once, heartbeat_file),) = parsed
     assert (interval, max_attempts, lookback.total_seconds(), pools, once) == (15.0, 3, 24 * 3600, None, False)
+    assert heartbeat_file == "/run/recovery/heartbeat"

@@ -15,19 +15,11 @@ from pathlib import Path
 import pytest
 from text_factory import topic_rows, write_rows
 
-pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [pytest.mark.torch_threads(1), pytest.mark.faults, pytest.mark.usefixtures("prefect_harness")]
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _parameters(data: Path, out: Path) -> dict:

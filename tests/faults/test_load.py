@@ -10,10 +10,12 @@ import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from load_support import (  # noqa: I001 - load_support needs tests/integration on sys.path (conftest)
-    RssSampler, create_runs, database_errors, error_lines, read_flow_runs, state_histories,
+    RssSampler, create_runs, database_errors, error_lines, lost_evaluations, read_flow_runs, retried_trigger_races,
+    state_histories,
 )
 from platform_support import PrefectServer, WorkerProcess, probe_params, read_done, read_starts
 
@@ -82,7 +84,15 @@ def server(postgres_url, tmp_path):
         started.stop()
 
 
-def test_a_backlog_of_1000_runs_drains_in_priority_order_without_loss(server, records, tmp_path):
+def _family_rss_mb(pid: int | None) -> float:
+    """Resident memory of a process and its children (PostgreSQL's backends, uvicorn's workers)."""
+    if pid is None:
+        return 0.0
+    root = psutil.Process(pid)
+    return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20, 1)
+
+
+def test_a_backlog_of_1000_runs_drains_in_priority_order_without_loss(server, postgres_cluster, records, tmp_path):
     """1,000 runs (100 critical / 200 high / 300 normal / 400 low, interleaved) are queued before any
     worker starts; then the warm lane drains them.
 
@@ -130,6 +140,8 @@ def test_a_backlog_of_1000_runs_drains_in_priority_order_without_loss(server, re
             worker.stop()
         samples = sampler.stop()
 
+    rss_after = {"prefect_server": _family_rss_mb(server.process.pid),
+                 "postgres": _family_rss_mb(postgres_cluster.postmaster_pid())}
     starts, done = read_starts(records), read_done(records)
     histories = state_histories(ids)
     start_times = {label: rows[0]["started"] for label, rows in starts.items()}
@@ -142,6 +154,8 @@ def test_a_backlog_of_1000_runs_drains_in_priority_order_without_loss(server, re
     server_log = server.home / "server.log"
     db_errors = database_errors(server_log)
     server_errors = error_lines(server_log)
+    trigger_races = retried_trigger_races(server_log)
+    lost = lost_evaluations(server_log)
     worker_errors = [line for w in workers for line in error_lines(w.log)]
 
     states = {label_of[i]: (r.state.type.value if r.state else "?") for i, r in runs.items()}
@@ -185,7 +199,10 @@ def test_a_backlog_of_1000_runs_drains_in_priority_order_without_loss(server, re
             "bound": f"last-third peak <= {RSS_GROWTH_BOUND} x first-third peak + {RSS_SLACK_MB:.0f} MB",
             "series": [[round(t - first_start, 1), round(mb, 1)] for t, mb in samples],
         },
+        "rss_mb_after_drain": rss_after,
         "server_database_errors": db_errors,
+        "server_retried_trigger_races": trigger_races,
+        "server_dead_lettered_events": lost,
         "server_error_lines": server_errors,
         "worker_error_lines": worker_errors,
     }
@@ -198,7 +215,9 @@ def test_a_backlog_of_1000_runs_drains_in_priority_order_without_loss(server, re
         f" {boundary_overlaps} adjacent priority overlaps; server RSS {report['rss_mb']['min']:.0f}-"
         f"{report['rss_mb']['max']:.0f} MB (first third peak {rss_first:.0f}, last third {rss_last:.0f});"
         f" {len(db_errors)} database-class error lines, {len(server_errors)} server error lines,"
-        f" {len(worker_errors)} worker error lines. Report: {REPORT}"
+        f" {len(worker_errors)} worker error lines; {trigger_races} retried trigger races, {len(lost)} dead-lettered"
+        f" events; RSS after the drain: server {rss_after['prefect_server']:.0f} MB, PostgreSQL"
+        f" {rss_after['postgres']:.0f} MB. Report: {REPORT}"
     )
 
     # None lost, none duplicated: every run Completed, one body start and one end record per label.
@@ -211,7 +230,9 @@ def test_a_backlog_of_1000_runs_drains_in_priority_order_without_loss(server, re
     # Priority order (rules 1 and 2 of the docstring).
     assert not jumped, jumped[:10]
     assert not overtaking, dict(list(overtaking.items())[:10])
-    # No database-class errors on Postgres; no tracebacks in the server log.
+    # No database-class errors on Postgres; no tracebacks in the server log. Prefect's own retried
+    # trigger race (load_support.RETRIED_TRIGGER_RACE) is allowed; an event it gave up on is not.
+    assert not lost, lost[:20]
     assert not db_errors, db_errors[:20]
     assert not [line for line in server_errors if "Traceback" in line], server_errors[:20]
     # Bounded server memory.

@@ -10,10 +10,11 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed, Pending, Running
 
-from taskserver.platform.recovery import is_lost_infrastructure, reschedule_lost_runs
+from taskserver.flows.heartbeats import emit_run_heartbeat
+from taskserver.platform.recovery import crash_silent_runs, is_lost_infrastructure, reschedule_lost_runs
 
 from fault_support import create_runs, read_runs
-from platform_support import probe_params
+from platform_support import probe_params, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -91,3 +92,57 @@ def test_a_run_that_crashed_before_its_body_is_rescheduled_whatever_the_message(
     assert runs[before_body].state_name == "AwaitingRetry"
     assert "crashed before its flow started" in runs[before_body].message
     assert runs[after_body].state_type == "CRASHED" and runs[broken].state_type == "CRASHED"
+
+
+async def _run_for(run_id):
+    async with get_client() as client:
+        return await client.read_flow_run(run_id)
+
+
+async def _heartbeats_of(run_id) -> int:
+    async with get_client() as client:
+        response = await client._client.post("/events/filter", json={
+            "filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                       "resource": {"id": [f"prefect.flow-run.{run_id}"]}}, "limit": 5})
+        return len(response.json()["events"])
+
+
+def test_a_running_run_that_stopped_heartbeating_is_crashed_then_rescheduled(prefect_server, records, clean_queues):
+    """The backstop for a zombie the automation missed: Running too long with no heartbeat."""
+    from datetime import timedelta
+
+    from prefect.events.worker import EventsWorker
+
+    silent = timedelta(seconds=20)  # the heartbeat below must still be inside it when the guard runs
+    [quiet, beating] = create_runs("probe/low", [probe_params("quiet", records), probe_params("beating", records)])
+    for run_id in (quiet, beating):
+        asyncio.run(_crash_free_start(run_id))
+    wait_until(lambda: all(_age(run_id) > silent.total_seconds() for run_id in (quiet, beating)), 60,
+               "both runs to be Running for longer than the silence window")
+    emit_run_heartbeat(asyncio.run(_run_for(beating)))
+    EventsWorker.drain_all(timeout=10)
+    wait_until(lambda: asyncio.run(_heartbeats_of(beating)) > 0, 60, "the heartbeat to reach the server")
+
+    async def guard():
+        async with get_client() as client:
+            return await crash_silent_runs(client, silent_after=silent)
+
+    assert asyncio.run(guard()) == [quiet]
+    assert asyncio.run(guard()) == []  # again: nothing doubled
+    runs = read_runs([quiet, beating])
+    assert runs[quiet].state_type == "CRASHED" and is_lost_infrastructure(runs[quiet].message)
+    assert runs[beating].state_type == "RUNNING"
+    assert [r.flow_run_id for r in asyncio.run(_recover(max_attempts=3))] == [quiet]
+
+
+async def _crash_free_start(run_id) -> None:
+    async with get_client() as client:
+        await client.set_flow_run_state(run_id, Pending(), force=True)
+        await client.set_flow_run_state(run_id, Running(), force=True)
+
+
+def _age(run_id) -> float:
+    from datetime import datetime, timezone
+
+    state = asyncio.run(_run_for(run_id)).state
+    return (datetime.now(timezone.utc) - state.timestamp).total_seconds()

@@ -188,7 +188,7 @@ def test_encrypted_pdfs_open_with_passwords_from_secret_blocks_that_never_leak(t
         assert documents.load_chunks(str(out / f"{name}.chunks.jsonl"))
 
     record = _run_record(state.state_details.flow_run_id)
-    assert "process-pdfs: 4/4 (100%)" in record and "process-pdf rc4" in record  # logs and task runs were read
+    assert "PDFs: 4 of 4 (100%)" in record and "process-pdf rc4" in record  # logs and task runs were read
     assert "pdf-password-aes" in record and "pdf-password-rc4" in record  # the block names are there ...
     outputs = "".join(p.read_text() for p in out.iterdir())
     for password in PASSWORDS.values():  # ... their values nowhere

@@ -77,3 +77,18 @@ def test_entrypoints_resolve_against_the_checkout():
 def test_every_deployment_has_its_own_full_name():
     names = [f'{d["flow_name"]}/{d["name"]}' for d in _document()["deployments"]]
     assert len(names) == len(set(names))
+
+
+def test_descriptions_say_flow_priority_lane_and_how_to_pick_another_priority():
+    from taskserver.platform.deployments import deployment_specs
+
+    specs = deployment_specs()
+    for spec in specs:
+        text = spec.description
+        assert text.startswith(f"{spec.flow_name}: "), text
+        assert f"Priority {spec.priority.name} (queue {spec.work_queue_name})" in text, text
+        assert f"{spec.lane.capitalize()} lane (pool {spec.pool.name})" in text, text
+        assert "For another priority run its deployment" in text and "<" not in text, text
+    by_name = {spec.full_name: spec.description for spec in specs}
+    assert by_name["encode/high"] != by_name["encode/high-job"]
+    assert len(set(by_name.values())) == len(by_name)

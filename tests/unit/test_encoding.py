@@ -22,15 +22,9 @@ TEXTS = [
     "The goalkeeper saved a penalty in the final minute.",
 ]
 
+pytestmark = pytest.mark.torch_threads(1)
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CountingModel:

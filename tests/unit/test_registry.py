@@ -19,15 +19,9 @@ from taskserver.training import Example, TrainConfig, train_classifier
 
 LABELS = ["cooking", "sports", "weather"]
 
+pytestmark = pytest.mark.torch_threads(2)
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def untrained_model(path: Path, labels: list[str]) -> Path:

@@ -28,6 +28,8 @@ from taskserver.training import (
     train_distributed,
 )
 
+pytestmark = pytest.mark.torch_threads(2)
+
 
 
 def write_topics(path: Path, per_class: int = 40, seed: int = 0) -> Path:
@@ -45,14 +47,6 @@ def config_for(data: Path, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

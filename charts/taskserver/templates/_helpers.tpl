@@ -27,8 +27,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Files.Get "files/platform.json" -}}
 {{- end -}}
 
+{{/* Flow-run Jobs and the warm worker: a namespace of their own unless told otherwise. */}}
 {{- define "taskserver.jobsNamespace" -}}
-{{- .Values.jobs.namespace | default .Release.Namespace -}}
+{{- .Values.jobs.namespace | default (printf "%s-jobs" .Release.Namespace) -}}
 {{- end -}}
 
 {{- define "taskserver.serverName" -}}
@@ -59,9 +60,22 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* A fully qualified image reference: registry/repository:tag[@digest]. .image is an image
+     value (registry, repository, tag, digest); an empty registry is images.registry. */}}
+{{- define "taskserver.imageRef" -}}
+{{- $image := .image -}}
+{{- $registry := $image.registry | default .root.Values.images.registry -}}
+{{- $repository := $image.repository -}}
+{{- if and (eq $registry "docker.io") (not (contains "/" $repository)) -}}
+{{- $repository = printf "library/%s" $repository -}}
+{{- end -}}
+{{- $reference := printf "%s/%s:%s" $registry $repository (toString ($image.tag | default .root.Chart.AppVersion)) -}}
+{{- with $image.digest }}{{ $reference = printf "%s@%s" $reference . }}{{ end -}}
+{{- $reference -}}
+{{- end -}}
+
 {{- define "taskserver.image" -}}
-{{- $image := index .root.Values.images .name -}}
-{{- printf "%s:%s" $image.repository ($image.tag | default .root.Chart.AppVersion) -}}
+{{- include "taskserver.imageRef" (dict "root" .root "image" (index .root.Values.images .name)) -}}
 {{- end -}}
 
 {{- define "taskserver.dataClaimName" -}}
@@ -78,12 +92,26 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
+{{/* Every container: read-only root filesystem; what must be written goes to size-limited
+     emptyDirs (taskserver.scratchVolume). */}}
 {{- define "taskserver.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
-readOnlyRootFilesystem: {{ .readOnly | default false }}
+readOnlyRootFilesystem: true
 runAsNonRoot: true
 capabilities:
   drop: ["ALL"]
+{{- end -}}
+
+{{/* A size-limited emptyDir: an unbounded one lets a pod fill its node's disk. */}}
+{{- define "taskserver.scratchVolume" -}}
+- name: {{ .name }}
+  emptyDir:
+    sizeLimit: {{ .size }}
+{{- end -}}
+
+{{/* A PriorityClass name of the model, with priorityClasses.namePrefix. */}}
+{{- define "taskserver.priorityClassName" -}}
+{{- printf "%s%s" .root.Values.priorityClasses.namePrefix .className -}}
 {{- end -}}
 
 {{/* Environment every Prefect client container needs: the API URL and the auth string. */}}
@@ -135,6 +163,7 @@ capabilities:
       "namespace" (include "taskserver.jobsNamespace" $root)
       "service_account_name" (printf "%s-%s-job" (include "taskserver.fullname" $root) $pool.name)
       "priority" $priority
+      "priority_class_prefix" $root.Values.priorityClasses.namePrefix
       "finished_job_ttl" $job.finishedJobTTL
       "pod_watch_timeout_seconds" $job.podWatchTimeoutSeconds
       "resources" (dict "cpu_request" $resources.cpuRequest "cpu_limit" $resources.cpuLimit "memory_request" $resources.memoryRequest "memory_limit" $resources.memoryLimit)
@@ -159,6 +188,8 @@ capabilities:
 {{- define "taskserver.serverDatabaseEnv" -}}
 - name: PREFECT_HOME
   value: /tmp/prefect
+- name: DO_NOT_TRACK
+  value: "true"
 {{- if .Values.postgresql.enabled }}
 - name: PREFECT_SERVER_DATABASE_DRIVER
   value: postgresql+asyncpg
@@ -209,8 +240,11 @@ capabilities:
   securityContext:
     {{- include "taskserver.containerSecurityContext" (dict) | nindent 4 }}
   resources:
-    requests: {cpu: 10m, memory: 64Mi}
-    limits: {cpu: 100m, memory: 128Mi}
+    requests: {cpu: 10m, memory: 64Mi, ephemeral-storage: 8Mi}
+    limits: {cpu: 100m, memory: 128Mi, ephemeral-storage: 64Mi}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
 {{- end -}}
 
 {{/* The shared data location as a pod sees it, exactly as the job template gives it to jobs
@@ -280,11 +314,11 @@ capabilities:
 {{/* The PriorityClass of a named priority; empty name means the model's highest. */}}
 {{- define "taskserver.priorityClassOf" -}}
 {{- $platform := include "taskserver.platform" .root | fromJson -}}
+{{- $className := include "taskserver.topPriorityClass" .root -}}
 {{- if .name -}}
-{{- range $platform.priorities }}{{ if eq .name $.name }}{{ .className }}{{ end }}{{ end -}}
-{{- else -}}
-{{- include "taskserver.topPriorityClass" .root -}}
+{{- range $platform.priorities }}{{ if eq .name $.name }}{{ $className = .className }}{{ end }}{{ end -}}
 {{- end -}}
+{{- include "taskserver.priorityClassName" (dict "root" .root "className" $className) -}}
 {{- end -}}
 
 {{/* A GPU catalogue entry by name, as JSON ({} when the name is not in the catalogue). */}}

@@ -85,4 +85,17 @@
 {{- if and .Values.server.ingress.enabled (not .Values.server.ingress.host) -}}
 {{- fail "taskserver: server.ingress.enabled needs server.ingress.host." -}}
 {{- end -}}
+{{- $ingress := .Values.server.ingress -}}
+{{- if and $ingress.enabled .Values.auth.enabled (not $ingress.tlsSecretName) (not $ingress.tlsTerminatedUpstream) -}}
+{{- fail "taskserver: server.ingress has basic auth but no TLS, so the password would cross the network in clear; set server.ingress.tlsSecretName, or server.ingress.tlsTerminatedUpstream=true if TLS ends in front of the ingress controller." -}}
+{{- end -}}
+{{- if and $ingress.enabled .Values.networkPolicy.enabled (not .Values.networkPolicy.ingressFromNamespaceLabels) -}}
+{{- fail "taskserver: server.ingress is enabled but the server's NetworkPolicy admits no ingress controller; set networkPolicy.ingressFromNamespaceLabels to its namespace's labels (e.g. kubernetes.io/metadata.name: ingress-nginx)." -}}
+{{- end -}}
+{{- if and (gt (int .Values.server.replicas) 1) (not .Values.server.messaging.redis.host) -}}
+{{- fail (printf "taskserver: server.replicas=%v needs a shared message broker: without it each server keeps its own events and caches (Prefect's in-memory messaging). Set server.messaging.redis.host, or run one replica." .Values.server.replicas) -}}
+{{- end -}}
+{{- if and .Values.jobs.createNamespace (eq (include "taskserver.jobsNamespace" .) .Release.Namespace) (ne .Values.jobs.podSecurityLevel "restricted") -}}
+{{- fail "taskserver: jobs.podSecurityLevel only labels a jobs namespace the chart creates; with jobs.namespace equal to the release namespace, label that namespace yourself." -}}
+{{- end -}}
 {{- end -}}

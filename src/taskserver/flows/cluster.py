@@ -18,8 +18,16 @@ from pydantic import Field
 from taskserver import clustering, encoding, storage
 from taskserver.clustering import KMeansResult, NeighbourIndex
 from taskserver.encoding import Embeddings
+from taskserver.flows.forms import OptionalText
 from taskserver.flows.heartbeats import heartbeat_hooks
-from taskserver.flows.runtime import file_fingerprint, markdown_table, publish_summary, retry_transient_only
+from taskserver.flows.runtime import (
+    cluster_sizes_chart,
+    file_fingerprint,
+    markdown_table,
+    publish_summary,
+    retry_transient_only,
+    with_failure_note,
+)
 
 IndexKind = Literal["auto", "flat", "ivf", "none"]
 
@@ -77,14 +85,14 @@ def default_output_dir(
 
 
 @flow(name="cluster", description="k-means clusters and a nearest-neighbour index over embeddings.",
-      **heartbeat_hooks())
+      **with_failure_note(heartbeat_hooks()))
 def cluster(
     embeddings: str,
     k: Annotated[int, Field(ge=1)],
     niter: Annotated[int, Field(ge=1, le=1000)] = 20,
     seed: Annotated[int, Field(ge=0)] = 0,
     index_kind: IndexKind = "auto",
-    output_dir: str | None = None,
+    output_dir: OptionalText = "",
     sample_all: bool = True,
     init: Literal["kmeans++", "random"] = "kmeans++",
     nredo: Annotated[int, Field(ge=1, le=100)] = 1,
@@ -92,16 +100,18 @@ def cluster(
     """Cluster the vectors, build the index, save both, and return a summary with sizes and inertia.
 
     Args:
-        embeddings: An embeddings file written by the encode flow (.npz or .parquet).
-        k: Number of clusters; at most the number of vectors.
-        niter: k-means iterations.
-        seed: Seed for the initial centroids: same seed, same clusters.
+        embeddings: Required. An embeddings file written by the encode flow (.npz or .parquet);
+            relative paths are under the data dir.
+        k: Required. Number of clusters, at least 1 and at most the number of vectors.
+        niter: k-means iterations, 1 to 1000.
+        seed: Seed for the initial centroids, 0 or more: same seed, same clusters.
         index_kind: Neighbour index: 'flat' (exact), 'ivf' (approximate, for large inputs), 'auto'
             (IVF from 50,000 vectors) or 'none'.
-        output_dir: Directory for the results; default outputs/clusters/<input digest>.
+        output_dir: Directory for the results. Empty: outputs/clusters/DIGEST, named after the
+            input and options.
         sample_all: Train on every vector (faiss alone samples at most 256 per cluster).
         init: Initial centroids: 'kmeans++' (spread out, robust) or 'random' (faiss's default).
-        nredo: Initialisations to try; the one with the lowest inertia is kept.
+        nredo: Initialisations to try, 1 to 100; the one with the lowest inertia is kept.
     """
     started = time.perf_counter()
     data = load_input(embeddings)
@@ -147,14 +157,14 @@ def _publish(summary: dict[str, Any], result: KMeansResult, timings: dict[str, f
         ("trained on", f"{result.trained_on} vectors"),
         ("inertia", f"{summary['inertia']:.6g}"),
         ("index", summary["index_kind"]),
-        ("output", f"`{summary['output_dir']}`"),
+        ("output", f"`{storage.relative(summary['output_dir'])}`"),
         *((f"{step} (s)", f"{seconds:.2f}") for step, seconds in timings.items()),
         ("total (s)", f"{total:.2f}"),
     ]
     sizes = sorted(enumerate(summary["sizes"]), key=lambda pair: -pair[1])
     count = max(summary["count"], 1)
     markdown = markdown_table(["", "value"], rows)
-    markdown += "\n\n## Cluster sizes\n\n" + markdown_table(
+    markdown += "\n\n## Cluster sizes\n\n" + cluster_sizes_chart(summary["sizes"]) + "\n\n" + markdown_table(
         ["cluster", "size", "share"], [(cluster, size, f"{100 * size / count:.1f}%") for cluster, size in sizes[:100]]
     )
     if len(sizes) > 100:

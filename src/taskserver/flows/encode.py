@@ -16,9 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 from pydantic import Field
 
-from taskserver import encoding
+from taskserver import encoding, storage
 from taskserver.encoding import EmbeddingCache, Embeddings
 from taskserver.errors import BatchFailedError, EncodingInputError, ParameterError
+from taskserver.flows.forms import OptionalText, OptionalTexts, given
 from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import (
     Progress,
@@ -26,6 +27,7 @@ from taskserver.flows.runtime import (
     markdown_table,
     publish_summary,
     retry_transient_only,
+    with_failure_note,
 )
 from taskserver.settings import get_settings
 
@@ -79,14 +81,14 @@ def default_output(texts: list[Any] | None, ids: list[str] | None, input_path: s
 
 
 @flow(name="encode", description="Texts to 384-dimensional embeddings with all-MiniLM-L6-v2.",
-      **heartbeat_hooks())
+      **with_failure_note(heartbeat_hooks()))
 def encode(
-    texts: list[str] | None = None,
-    input_path: str | None = None,
-    ids: list[str] | None = None,
-    output: str | None = None,
+    texts: OptionalTexts = [],  # noqa: B006 - never mutated; [] renders as an empty list in the form
+    input_path: OptionalText = "",
+    ids: OptionalTexts = [],  # noqa: B006
+    output: OptionalText = "",
     normalize: bool = True,
-    batch_size: Annotated[int | None, Field(ge=1, le=4096)] = None,
+    batch_size: Annotated[int, Field(ge=0, le=4096)] = 0,
     use_cache: bool = True,
 ) -> dict[str, Any]:
     """Embed texts, save them, and return a summary: count, dims, output, cache hits, failures.
@@ -95,20 +97,24 @@ def encode(
     embedded and saved, and the summary rides on the error as ``partial``.
 
     Args:
-        texts: Texts to embed. Give these or input_path, not both; for large inputs use a file, since
-            parameters are stored with the flow run.
+        texts: The texts to embed, one per item. Type texts here, or give a file in input_path;
+            typed texts are used instead of the deployment's sample file. For large inputs use a
+            file, since parameters are stored with the flow run.
         input_path: A .jsonl (field 'text', optional 'id'), .csv (column 'text', optional 'id') or
-            .txt (one text per line) file; relative paths are under the data dir.
-        ids: One unique id per text in 'texts'; default: the position (0, 1, ...).
-        output: Where to write the .npz or .parquet file; default outputs/embeddings/<input digest>.npz.
+            .txt (one text per line) file; relative paths are under the data dir. The deployments
+            fill in samples:new-tickets.jsonl, six tickets shipped with taskserver.
+        ids: One unique id per text in texts. Empty: the position (0, 1, ...).
+        output: Where to write the .npz or .parquet file. Empty: outputs/embeddings/DIGEST.npz,
+            named after the input and options.
         normalize: Scale every vector to unit length (for cosine search).
-        batch_size: Texts per forward pass; default from the settings (TASKSERVER_EMBEDDING_BATCH_SIZE).
+        batch_size: Texts per forward pass, 1 to 4096. 0: the configured default
+            (TASKSERVER_EMBEDDING_BATCH_SIZE).
         use_cache: Serve texts embedded before from the content cache (cache/embeddings.sqlite in the data dir).
     """
     started = time.perf_counter()
     loads_before = encoding.encoder_loads()
-    if (texts is None) == (input_path is None):
-        raise ParameterError("texts/input_path", "give exactly one of 'texts' or 'input_path'")
+    texts, input_path = encoding.texts_or_file(texts, input_path)
+    ids = given(ids)
     if input_path is not None and ids is not None:
         raise ParameterError("ids", "ids come from the input file; give 'ids' only with 'texts'")
     batch_size = batch_size or get_settings().embedding_batch_size
@@ -130,7 +136,7 @@ def encode(
     output = output or default_output(items if input_path is None else None, ids, input_path, normalize)
 
     encode_started = time.perf_counter()
-    progress = Progress(len(good), f"encoding {len(good)} texts") if len(good) > CHUNK_SIZE else None
+    progress = Progress(len(good), "texts encoded") if len(good) > CHUNK_SIZE else None
     parts: list[Embeddings] = []
     for start in range(0, len(good), CHUNK_SIZE):
         rows = good[start : start + CHUNK_SIZE]
@@ -191,7 +197,7 @@ def _publish(
         ("through the model", summary["encoded"]),
         ("failed", len(bad)),
         ("dimensions", summary["dims"]),
-        ("output", f"`{summary['output']}`"),
+        ("output", f"`{storage.relative(summary['output'])}`"),
         ("read (s)", f"{read_seconds:.2f}"),
         ("encode (s)", f"{encode_seconds:.2f} ({rate:.0f} texts/s)"),
         ("save (s)", f"{save_seconds:.2f}"),

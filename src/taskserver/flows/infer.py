@@ -16,8 +16,16 @@ from pydantic import Field
 
 from taskserver import encoding, inference, storage
 from taskserver.errors import BatchFailedError, ParameterError
+from taskserver.flows.forms import OptionalText, OptionalTexts
 from taskserver.flows.heartbeats import heartbeat_hooks
-from taskserver.flows.runtime import file_fingerprint, markdown_table, publish_summary, publish_table, retry_transient_only
+from taskserver.flows.runtime import (
+    file_fingerprint,
+    markdown_table,
+    publish_summary,
+    publish_table,
+    retry_transient_only,
+    with_failure_note,
+)
 from taskserver.inference import Classifier, Prediction
 
 
@@ -51,26 +59,29 @@ def default_output(model_dir: str, input_path: str) -> str:
 
 
 @flow(name="infer", description="Batch text classification with a model trained by the train flow.",
-      **heartbeat_hooks())
+      **with_failure_note(heartbeat_hooks()))
 def infer(
     model_dir: str,
-    texts: list[str] | None = None,
-    input_path: str | None = None,
-    output_path: str | None = None,
+    texts: OptionalTexts = [],  # noqa: B006 - never mutated; [] renders as an empty list in the form
+    input_path: OptionalText = "",
+    output_path: OptionalText = "",
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 64,
 ) -> dict[str, Any]:
     """Classify, write predictions, publish label counts; return counts (and predictions for inline texts).
 
     Args:
-        model_dir: A served location (the train flow's model_dir: its champion is used) or one run's model (<output_dir>/model).
-        texts: Texts to classify. Give these or input_path.
+        model_dir: Required. A served location (the train flow's model_dir: its champion is used)
+            or one run's model (the model folder inside a train run's output_dir).
+        texts: The texts to classify, one per item. Type texts here, or give a file in input_path;
+            typed texts are used instead of the deployment's sample file.
         input_path: JSONL with a 'text' (and optional 'id') per line; relative to the data dir.
-        output_path: JSONL of id, label, probabilities; default outputs/predictions/<digest>.jsonl for files.
-        batch_size: Texts per forward pass.
+            The deployments fill in samples:new-tickets.jsonl, six tickets shipped with taskserver.
+        output_path: JSONL of id, label, probabilities. Empty: outputs/predictions/DIGEST.jsonl for
+            a file, nothing written for typed texts.
+        batch_size: Texts per forward pass, 1 to 4096.
     """
     started = time.perf_counter()
-    if (texts is None) == (input_path is None):
-        raise ParameterError("texts/input_path", "give exactly one of 'texts' or 'input_path'")
+    texts, input_path = encoding.texts_or_file(texts, input_path)
     # Resolved once: a promotion during this run does not mix two models in one result.
     served = inference.inspect_model_dir(model_dir)  # a bad model directory fails before any work, by name
     if input_path is not None:

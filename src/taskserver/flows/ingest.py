@@ -23,8 +23,9 @@ from taskserver.errors import BatchFailedError, DocumentError
 from taskserver.flows.cluster import cluster
 from taskserver.flows.encode import encode
 from taskserver.flows.pdfs import PdfBatchSummary, process_pdfs
+from taskserver.flows.forms import OptionalCount, OptionalNames, OptionalText
 from taskserver.flows.heartbeats import heartbeat_hooks
-from taskserver.flows.runtime import markdown_table, publish_summary
+from taskserver.flows.runtime import cluster_sizes_chart, markdown_table, publish_summary, run_link, with_failure_note
 from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
 from taskserver.platform.routing import deployment_name
 from taskserver.platform.tasks import JOB_LANE, get_task
@@ -55,14 +56,20 @@ def _step_priority() -> str:
     return name if name in priority_names() else DEFAULT_PRIORITY
 
 
-def _run_step(step, parameters: dict, as_run: bool) -> State:
-    """Run one step here (a subflow), or as its own deployment run (its own process or pod)."""
+def _run_step(step, parameters: dict, as_run: bool, runs: dict[str, str]) -> State:
+    """Run one step here (a subflow), or as its own deployment run (its own process or pod).
+
+    ``runs`` records each step's flow run id, for the summary's links to the steps' pages.
+    """
     if not as_run:
-        return step(**parameters, return_state=True)
-    # On the job lane: a pipeline's steps are batch-sized, and get their own process or pod.
-    name = deployment_name(get_task(step.name), _step_priority(), JOB_LANE)
-    child = run_deployment(name, parameters=parameters, as_subflow=True)
-    return child.state
+        state = step(**parameters, return_state=True)
+    else:
+        # On the job lane: a pipeline's steps are batch-sized, and get their own process or pod.
+        name = deployment_name(get_task(step.name), _step_priority(), JOB_LANE)
+        state = run_deployment(name, parameters=parameters, as_subflow=True).state
+    if state.state_details.flow_run_id is not None:
+        runs[step.name] = str(state.state_details.flow_run_id)
+    return state
 
 
 def _completed(state: State, step: str):
@@ -75,9 +82,9 @@ def _completed(state: State, step: str):
     raise DocumentError(step, f"the {step} step ended {state.type.value}: {state.message}")
 
 
-def _pdf_step(parameters: dict, as_run: bool) -> PdfBatchSummary:
+def _pdf_step(parameters: dict, as_run: bool, runs: dict[str, str]) -> PdfBatchSummary:
     """The process-pdfs step; ``parameters`` are its own (Secret block names, never passwords)."""
-    state = _run_step(process_pdfs, parameters, as_run)
+    state = _run_step(process_pdfs, parameters, as_run, runs)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, BatchFailedError) and isinstance(error.partial, PdfBatchSummary):
@@ -104,46 +111,50 @@ def _write_chunk_catalogue(summary: PdfBatchSummary, location: str) -> int:
 
 
 @flow(name="ingest-documents", description="PDFs to chunks to embeddings to clusters and a search index.",
-      **heartbeat_hooks())
+      **with_failure_note(heartbeat_hooks()))
 def ingest_documents(
     inputs: list[str] | str,
     output_dir: str = DEFAULT_OUTPUT_DIR,
     max_characters: Annotated[int, Field(ge=50, le=100_000)] = 1000,
-    clusters: Annotated[int | None, Field(ge=1)] = None,
+    clusters: OptionalCount = 0,
     seed: Annotated[int, Field(ge=0)] = 0,
     workers: Annotated[int, Field(ge=0, le=64)] = 0,
     steps_as_runs: bool = False,
-    password_secret: str | None = None,
-    password_secrets: dict[str, str] | None = None,
+    password_secret: OptionalText = "",
+    password_secrets: OptionalNames = {},  # noqa: B006 - never mutated; {} renders as an empty object
 ) -> IngestSummary:
     """Build a searchable, clustered collection from PDFs; bad files are reported, good ones kept.
 
     Args:
-        inputs: PDF paths or URLs, a directory of PDFs, or a glob. Relative paths are under the data dir.
+        inputs: Required. PDF paths or URLs, a directory of PDFs, or a glob; one location as text,
+            or a list. Relative paths are under the data dir; samples:pdfs is three PDFs shipped
+            with taskserver.
         output_dir: Where the collection (chunks.jsonl, embeddings.npz, clusters/) is written.
             Relative paths are under the data dir.
-        max_characters: Largest chunk, in characters.
-        clusters: Number of k-means clusters; default sqrt(chunks / 2).
-        seed: Seed for k-means: the same seed gives the same clusters.
-        workers: PDF worker processes; 0 means one per CPU core.
+        max_characters: Largest chunk, in characters, 50 to 100000.
+        clusters: Number of k-means clusters, 0 or more. 0: the square root of half the chunk count.
+        seed: Seed for k-means, 0 or more: the same seed gives the same clusters.
+        workers: PDF worker processes, 0 to 64. 0: one per CPU core.
         steps_as_runs: Run each step as its own deployment run at this run's priority (on
             Kubernetes: its own pod, with its pool's resources) instead of in this run's process.
             Steps hand over only through files in the data location.
         password_secret: Name of a Prefect Secret block holding the password of the encrypted
-            inputs. Never a password itself.
-        password_secrets: Input file name or location -> name of the Secret block holding its
-            password; overrides password_secret for that file.
+            inputs. Never a password itself. Empty: no password.
+        password_secrets: For each input file name or location, the name of the Secret block
+            holding its password, e.g. {"board.pdf": "board-password"}; overrides
+            password_secret for that file. Empty: none.
     """
     logger = get_run_logger()
     collection = Collection(storage.makedirs(output_dir))
     seconds: dict[str, float] = {}
+    runs: dict[str, str] = {}
 
     started = time.perf_counter()
     pdf_parameters = {
         "inputs": inputs, "output_dir": storage.join(collection.location, "pdfs"), "max_characters": max_characters,
         "workers": workers, "password_secret": password_secret, "password_secrets": password_secrets,
     }
-    pdfs = _pdf_step(pdf_parameters, steps_as_runs)
+    pdfs = _pdf_step(pdf_parameters, steps_as_runs, runs)
     count = _write_chunk_catalogue(pdfs, collection.chunks_location)
     seconds["pdfs"] = round(time.perf_counter() - started, 3)
     if count == 0:
@@ -154,7 +165,7 @@ def ingest_documents(
     encoded = _run_step(
         encode,
         {"input_path": collection.chunks_location, "output": collection.embeddings_location, "normalize": True},
-        steps_as_runs,
+        steps_as_runs, runs,
     )
     _completed(encoded, "encode")
     seconds["encode"] = round(time.perf_counter() - started, 3)
@@ -166,7 +177,7 @@ def ingest_documents(
             cluster,
             {"embeddings": collection.embeddings_location, "k": k, "seed": seed,
              "output_dir": collection.clusters_location},
-            steps_as_runs,
+            steps_as_runs, runs,
         ),
         "cluster",
     )
@@ -182,7 +193,7 @@ def ingest_documents(
         failures=pdfs.failures,
         seconds=seconds,
     )
-    _publish(summary)
+    _publish(summary, runs)
     if summary.failures:
         raise BatchFailedError.from_failures(
             summary.failures, len(summary.failures) + summary.documents, partial=summary
@@ -190,14 +201,25 @@ def ingest_documents(
     return summary
 
 
-def _publish(summary: IngestSummary) -> None:
+_STEP_OF_TIMING = {"pdfs": process_pdfs.name, "encode": encode.name, "cluster": cluster.name}
+
+
+def _publish(summary: IngestSummary, runs: dict[str, str]) -> None:
+    """The pipeline's summary: what came out, and a link to each step's run (its own artifacts)."""
+    steps = [
+        (run_link(runs[_STEP_OF_TIMING[step]], _STEP_OF_TIMING[step]) if _STEP_OF_TIMING[step] in runs
+         else _STEP_OF_TIMING[step], seconds)
+        for step, seconds in summary.seconds.items()
+    ]
     text = (
         f"{summary.documents} documents → {summary.chunks} chunks → {summary.clusters} clusters "
-        f"(inertia {summary.inertia:.3f}), written to `{summary.output_dir}`.\n\n"
-        + markdown_table(["step", "seconds"], summary.seconds.items())
-        + "\n\n"
-        + markdown_table(["cluster", "chunks"], enumerate(summary.cluster_sizes))
+        f"(inertia {summary.inertia:.3f}), written to `{storage.relative(summary.output_dir)}`.\n\n"
+        "## Steps\n\nEach step's page has its own artifacts (files, embeddings, clusters).\n\n"
+        + markdown_table(["step", "seconds"], steps)
+        + "\n\n## Cluster sizes\n\n" + cluster_sizes_chart(summary.cluster_sizes)
     )
     if summary.failures:
-        text += "\n\n## Failed inputs\n\n" + markdown_table(["input", "reason"], summary.failures.items())
+        text += "\n\n## Failed inputs\n\n" + markdown_table(
+            ["input", "reason"], [(storage.relative(k), v) for k, v in summary.failures.items()]
+        )
     publish_summary("ingest-documents", "Ingested documents", text)

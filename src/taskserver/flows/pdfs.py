@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from taskserver import documents, storage
 from taskserver.errors import BatchFailedError, DocumentError, ParameterError, StorageFullError
+from taskserver.flows.forms import OptionalNames, OptionalText
 from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import (
     Progress,
@@ -27,6 +28,7 @@ from taskserver.flows.runtime import (
     markdown_table,
     publish_summary,
     retry_transient_only,
+    with_failure_note,
 )
 
 DEFAULT_OUTPUT_DIR = "outputs/pdfs"
@@ -168,21 +170,27 @@ def _drop_half_result(output_dir: str, name: str) -> None:
 
 
 def _report(summary: PdfBatchSummary) -> str:
+    # Short cells only: the UI's table does not wrap, so long paths push columns off the page.
     rows = [
-        (f.source, f.page_count, f.elements, f.chunks, f.extractor, f"{f.seconds:.2f}", "cached" if f.cached else "",
-         f.chunks_location)
+        (storage.basename(f.source), f.page_count, f.elements, f.chunks, f.extractor, f"{f.seconds:.2f}",
+         "yes" if f.cached else "no")
         for f in summary.files
     ]
     fallbacks = sum(f.extractor != documents.UNSTRUCTURED for f in summary.files)
+    sources = sorted({storage.relative(f.source.rsplit("/", 1)[0]) for f in summary.files}) or ["-"]
     text = (
         f"{len(summary.files)} of {len(summary.files) + len(summary.failures)} PDFs processed: "
-        f"{summary.total_pages} pages, {summary.total_chunks} chunks, saved under `{summary.output_dir}`.\n\n"
-        f"Text extracted by pdfminer's layout analysis because unstructured returned no elements: "
-        f"{fallbacks} of {len(summary.files)} files.\n\n"
-        + markdown_table(["file", "pages", "elements", "chunks", "extractor", "seconds", "", "chunks file"], rows)
+        f"{summary.total_pages} pages, {summary.total_chunks} chunks.\n\n"
+        f"- read from: {', '.join(f'`{s}`' for s in sources)}\n"
+        f"- chunks saved as `{storage.relative(summary.output_dir)}/NAME.chunks.jsonl`\n"
+        f"- text extracted by pdfminer's layout analysis because unstructured returned no elements: {fallbacks} of "
+        f"{len(summary.files)} files\n\n"
+        + markdown_table(["file", "pages", "elements", "chunks", "extractor", "seconds", "from cache"], rows)
     )
     if summary.failures:
-        text += "\n\n## Failed\n\n" + markdown_table(["file", "reason"], summary.failures.items())
+        text += "\n\n## Failed\n\n" + markdown_table(
+            ["file", "reason"], [(storage.relative(k), v) for k, v in summary.failures.items()]
+        )
     return text
 
 
@@ -200,30 +208,32 @@ def _summarise(
     )
 
 
-@flow(name="process-pdfs", log_prints=True, **heartbeat_hooks())
+@flow(name="process-pdfs", log_prints=True, **with_failure_note(heartbeat_hooks()))
 def process_pdfs(
     inputs: list[str] | str,
     output_dir: str = DEFAULT_OUTPUT_DIR,
     max_characters: Annotated[int, Field(ge=50, le=100_000)] = 1000,
     overlap: Annotated[int, Field(ge=0)] = 0,
     workers: Annotated[int, Field(ge=0, le=64)] = 0,
-    password_secret: str | None = None,
-    password_secrets: dict[str, str] | None = None,
+    password_secret: OptionalText = "",
+    password_secrets: OptionalNames = {},  # noqa: B006 - never mutated; {} renders as an empty object
 ) -> PdfBatchSummary:
     """Partition PDFs into title-based chunks; good files are saved even when others fail.
 
     Args:
-        inputs: PDF paths or URLs, a directory (its *.pdf files) or a glob. Relative paths are
-            under the data dir.
-        output_dir: Where <name>.chunks.jsonl and <name>.elements.jsonl go. Relative paths are
-            under the data dir.
-        max_characters: Largest chunk, in characters.
-        overlap: Characters repeated from the end of a split chunk.
-        workers: Worker processes; 0 means the configured default (one per core).
+        inputs: Required. PDF paths or URLs, a directory (its .pdf files) or a glob; one location
+            as text, or a list. Relative paths are under the data dir; samples:pdfs is three
+            PDFs shipped with taskserver.
+        output_dir: Where each file's NAME.chunks.jsonl and NAME.elements.jsonl go. Relative
+            paths are under the data dir.
+        max_characters: Largest chunk, in characters, 50 to 100000.
+        overlap: Characters repeated from the end of a split chunk, 0 or more.
+        workers: Worker processes, 0 to 64. 0: the configured default (one per core).
         password_secret: Name of a Prefect Secret block holding the password of the encrypted
-            inputs. Never a password itself.
-        password_secrets: Input file name or location -> name of the Secret block holding its
-            password; overrides password_secret for that file.
+            inputs. Never a password itself. Empty: no password.
+        password_secrets: For each input file name or location, the name of the Secret block
+            holding its password, e.g. {"board.pdf": "board-password"}; overrides
+            password_secret for that file. Empty: none.
     """
     logger = get_run_logger()
     locations = documents.expand_inputs(inputs)
@@ -232,7 +242,7 @@ def process_pdfs(
         load_password(block_name)
     output_dir = storage.makedirs(output_dir)
     names = documents.output_names(locations)
-    progress = Progress(len(locations), "process-pdfs")
+    progress = Progress(len(locations), "PDFs")
     run_id = _flow_run_id()
     pool = documents.PdfWorkerPool(workers)  # processes start on demand; long files split across them
     with _pools_lock:

@@ -18,21 +18,26 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from taskserver import registry, storage, tracking, training
-from taskserver.errors import ParameterError
+from taskserver.flows.forms import OptionalCount, OptionalText, given
 from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import (
     Progress,
+    chart_markdown,
     library_logs_in_run,
+    new_figure,
     markdown_table,
     publish_summary,
     publish_table,
     retry_transient_only,
+    with_failure_note,
 )
 from taskserver.registry import Decision
+from taskserver.samples import SAMPLE_TRAINING_SET
 from taskserver.training import TrainConfig, TrainProgress, TrainResult
 
 PROGRESS_EVERY_SECONDS = 5.0
 """Progress artifact updates are API calls: at most one per this many seconds, plus one per epoch."""
+DEFAULT_MODELS_DIR = "outputs/models"
 DEFAULT_PROMOTION_MARGIN = 0.01
 """One macro-F1 point: on a few hundred validation rows a smaller gain is within noise (one row
 flips F1 by about 1/n), so the champion stays unless the challenger is clearly better."""
@@ -49,10 +54,10 @@ class _Reporter:
 
     def __call__(self, event: TrainProgress) -> None:
         if event.kind == "start":
-            self.progress = Progress(event.total_steps, f"training ({event.total_steps} steps)")
+            self.progress = Progress(event.total_steps, "training steps")
             if event.resumed_from_step:
                 self.logger.info("Resuming from the checkpoint at step %d", event.resumed_from_step)
-                self.progress.advance(event.resumed_from_step, "resumed from checkpoint")
+                self.progress.skip(event.resumed_from_step, "resumed from checkpoint")
             self.last_update = time.monotonic()
             return
         if event.kind == "epoch" and event.metrics is not None:
@@ -103,14 +108,14 @@ def promote_challenger(config: TrainConfig, result: TrainResult, model_dir: str,
 
 
 @flow(name="train", description="Fine-tune a text classifier (all-MiniLM-L6-v2 + linear head) with accelerate.",
-      **heartbeat_hooks())
+      **with_failure_note(heartbeat_hooks()))
 def train(
-    data_path: str,
-    output_dir: str | None = None,
+    data_path: str = SAMPLE_TRAINING_SET,
+    output_dir: OptionalText = "",
     text_column: str = "text",
     label_column: str = "label",
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1,
-    validation_path: str | None = None,
+    validation_path: OptionalText = "",
     epochs: Annotated[int, Field(ge=1)] = 3,
     batch_size: Annotated[int, Field(ge=1)] = 16,
     learning_rate: Annotated[float, Field(gt=0.0)] = 1e-4,
@@ -118,55 +123,61 @@ def train(
     checkpoint_every: Annotated[int, Field(ge=1)] = 50,
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2,
     seed: int = 0,
-    max_steps: Annotated[int | None, Field(ge=1)] = None,
-    base_model: str | None = None,
+    max_steps: OptionalCount = 0,
+    base_model: OptionalText = "",
     num_processes: Annotated[int, Field(ge=1, le=64)] = 1,
-    early_stopping_patience: Annotated[int | None, Field(ge=1)] = 2,
+    early_stopping_patience: OptionalCount = 2,
     group_by_length: bool = True,
-    model_dir: str | None = None,
+    model_dir: OptionalText = "",
     promotion_margin: Annotated[float, Field(ge=0.0, le=1.0)] = DEFAULT_PROMOTION_MARGIN,
 ) -> dict[str, Any]:
     """Train, publish the training curve and a summary, promote the model if it beats the champion,
     and return the location to pass to infer, the metrics and the promotion decision.
 
     Args:
-        data_path: JSONL or CSV with a text and a label per row; relative to the data dir.
-        output_dir: Checkpoints and this run's model (<output_dir>/model). Re-using it resumes the job. Default with model_dir: <model_dir>/runs/<flow run id>.
+        data_path: JSONL or CSV with a text and a label per row; relative to the data dir. The
+            default, samples:tickets.jsonl, is 144 support tickets shipped with taskserver.
+        output_dir: Checkpoints and this run's model (its model folder). Re-using it resumes the
+            job. Empty: outputs/models/RUN-ID, or MODEL_DIR/runs/RUN-ID when model_dir is given.
         text_column: Column (CSV) or field (JSONL) with the text.
         label_column: Column (CSV) or field (JSONL) with the label.
-        validation_fraction: Share of rows held out for validation (seeded, stratified).
-        validation_path: A separate validation file; overrides validation_fraction.
-        epochs: Passes over the training rows (at most: see early_stopping_patience).
-        batch_size: Rows per step on each process.
-        learning_rate: Peak learning rate (warmup, then linear decay).
-        max_length: Tokens kept per text.
-        checkpoint_every: Steps between resumable checkpoints.
-        keep_checkpoints: How many of the newest checkpoints to keep.
+        validation_fraction: Share of rows held out for validation (seeded, stratified): more
+            than 0 and less than 1, e.g. 0.1.
+        validation_path: A separate validation file; overrides validation_fraction. Empty: split
+            data_path.
+        epochs: Passes over the training rows, at least 1 (at most this many: see early_stopping_patience).
+        batch_size: Rows per step on each process, at least 1.
+        learning_rate: Peak learning rate (warmup, then linear decay), more than 0, e.g. 0.0001.
+        max_length: Tokens kept per text, 8 to 512.
+        checkpoint_every: Steps between resumable checkpoints, at least 1.
+        keep_checkpoints: How many of the newest checkpoints to keep, at least 1.
         seed: Seed for the split, shuffling and initialisation.
-        max_steps: Stop after this many steps in all.
-        base_model: Encoder to start from; default: the bundled all-MiniLM-L6-v2.
-        num_processes: 1 trains in this process; more runs `accelerate launch` (one per GPU).
-        early_stopping_patience: Stop after this many epochs without a better validation macro-F1 (the best epoch's model is kept either way). Empty: train every epoch.
+        max_steps: Stop after this many steps in all. 0: no limit.
+        base_model: Encoder to start from. Empty: the bundled all-MiniLM-L6-v2.
+        num_processes: 1 trains in this process; more (up to 64) runs accelerate launch, one per GPU.
+        early_stopping_patience: Stop after this many epochs without a better validation macro-F1
+            (the best epoch's model is kept either way). 0: train every epoch.
         group_by_length: Batch texts of similar length together: less padding, faster on CPU.
-        model_dir: The served location infer reads (the champion). The new model becomes the champion only if it beats the current one on this run's validation rows by promotion_margin. Empty: no promotion.
-        promotion_margin: Macro-F1 points (0-1) by which the new model must beat the champion to replace it.
+        model_dir: The served location infer reads (the champion). The new model becomes the
+            champion only if it beats the current one on this run's validation rows by
+            promotion_margin. Empty: no promotion.
+        promotion_margin: Macro-F1 points, 0 to 1, by which the new model must beat the champion
+            to replace it.
     """
     run_id = str(flow_run.id) if flow_run.id else None
-    if output_dir is None:
-        if not model_dir:
-            raise ParameterError("output_dir", "no output_dir and no model_dir to derive it from",
-                                 "give output_dir, or model_dir to train under <model_dir>/runs/<flow run id>")
-        output_dir = storage.join(model_dir, "runs", run_id or "local")
+    output_dir = output_dir or default_output_dir(model_dir, run_id)
     config = TrainConfig(
         data_path=data_path, output_dir=output_dir, text_column=text_column, label_column=label_column,
-        validation_fraction=validation_fraction, validation_path=validation_path, epochs=epochs,
+        validation_fraction=validation_fraction, validation_path=given(validation_path), epochs=epochs,
         batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, seed=seed,
-        max_steps=max_steps, base_model=base_model, early_stopping_patience=early_stopping_patience,
+        max_steps=given(max_steps), base_model=given(base_model),
+        early_stopping_patience=given(early_stopping_patience),
         group_by_length=group_by_length,
     )
     if model_dir:  # a challenger on other labels than the champion's fails before any training
         registry.check_challenger_labels(model_dir, training.load_dataset(config).labels, config.data_path)
+    model_dir = given(model_dir)
     parameters = {**config.model_dump(), "num_processes": num_processes, "model_dir": model_dir,
                   "promotion_margin": promotion_margin}
     tracker = tracking.start_run(f"train {flow_run.name or ''}".strip(), parameters, run_id)
@@ -190,6 +201,13 @@ def train(
     summary = _summary(result, model_dir, decision, tracker)
     _publish(result, summary, decision)
     return summary
+
+
+def default_output_dir(model_dir: str, run_id: str | None) -> str:
+    """Where a run without an output_dir trains: under the champion's location, else under outputs/models."""
+    if model_dir:
+        return storage.join(model_dir, "runs", run_id or "local")
+    return storage.join(DEFAULT_MODELS_DIR, run_id or "local")
 
 
 def _lineage(result: TrainResult, parameters: dict[str, Any], run_id: str | None,
@@ -243,7 +261,7 @@ def _publish(result: TrainResult, summary: dict[str, Any], decision: Decision | 
     ]
     publish_table("train-curve", curve, "Training curve: loss, validation accuracy and macro-F1 per epoch")
     rows = [
-        ("model", f"`{summary['challenger_dir']}`"),
+        ("model", f"`{storage.relative(summary['challenger_dir'])}`"),
         ("labels", ", ".join(result.labels)),
         ("training / validation rows", f"{result.train_rows} / {result.validation_rows}"),
         ("steps", summary["steps"]),
@@ -258,8 +276,30 @@ def _publish(result: TrainResult, summary: dict[str, Any], decision: Decision | 
          else "- (not tracked)"),
     ]
     if decision is not None:
-        rows += [("served location", f"`{summary['model_dir']}`"),
+        rows += [("served location", f"`{storage.relative(summary['model_dir'])}`"),
                  ("promoted", f"{'yes' if decision.promoted else 'no'}: {decision.reason}"),
                  ("champion", f"{decision.champion}" + (f" (previous: {decision.previous})" if decision.previous
                                                         else ""))]
-    publish_summary("train-summary", "Training", markdown_table(["", "value"], rows))
+    markdown = markdown_table(["", "value"], rows)
+    if result.history:
+        markdown = "## Training curve\n\n" + _curve_chart(result) + "\n\n" + markdown
+    publish_summary("train-summary", "Training", markdown)
+
+
+def _curve_chart(result: TrainResult) -> str:
+    """Loss (left) and validation accuracy and macro-F1 (right) per epoch; the kept epoch marked."""
+    epochs = [m.epoch for m in result.history]
+    figure, (losses, scores) = new_figure(9.0, 3.2, columns=2)
+    losses.plot(epochs, [m.train_loss for m in result.history], marker="o", label="training loss")
+    losses.plot(epochs, [m.val_loss for m in result.history], marker="o", label="validation loss")
+    scores.plot(epochs, [m.val_accuracy for m in result.history], marker="o", label="validation accuracy")
+    scores.plot(epochs, [m.val_macro_f1 for m in result.history], marker="o", label="validation macro-F1")
+    scores.set_ylim(0, 1.02)
+    for axes, title in ((losses, "Loss"), (scores, "Validation scores")):
+        if result.best_epoch is not None:
+            axes.axvline(result.best_epoch, color="grey", linestyle=":", label=f"kept epoch ({result.best_epoch})")
+        axes.set_xlabel("epoch")
+        axes.set_xticks(epochs)
+        axes.set_title(title)
+        axes.legend(fontsize="small")
+    return chart_markdown(figure, "Training curve")

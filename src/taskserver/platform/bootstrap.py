@@ -47,6 +47,10 @@ from taskserver.platform.tasks import ALL_POOLS, TASKS, Pool, TaskType
 
 DEFAULT_QUEUE = "default"
 DEFAULT_QUEUE_PRIORITY = len(PRIORITIES) + 1
+DEFAULT_QUEUE_DESCRIPTION = (
+    "Prefect's own queue, which every pool has; no taskserver deployment uses it, so it stays "
+    "empty and comes after every priority. To choose a priority, run the deployment named after it."
+)
 ZOMBIE_AUTOMATION = "taskserver: crash zombie flows"
 POOL_LIMITS_ENV = "TASKSERVER_POOL_LIMITS"
 QUEUE_LIMITS_ENV = "TASKSERVER_QUEUE_LIMITS"
@@ -375,6 +379,10 @@ class _Bootstrapper:
                 if update:
                     await self.client.update_work_queue(queue.id, **update)
                     self.report.changes.append(f"queue {pool.name}/{name}: updated {sorted(update)}")
+            default = existing.get(DEFAULT_QUEUE)
+            if default is not None and default.description != DEFAULT_QUEUE_DESCRIPTION:
+                await self.client.update_work_queue(default.id, description=DEFAULT_QUEUE_DESCRIPTION)
+                self.report.changes.append(f"queue {pool.name}/{DEFAULT_QUEUE}: updated ['description']")
             wanted_priority = {name: spec[0] for name, spec in wanted.items()}
             wanted_priority[DEFAULT_QUEUE] = DEFAULT_QUEUE_PRIORITY
             await self._settle_priorities(pool, wanted_priority)
@@ -422,6 +430,7 @@ class _Bootstrapper:
             "job_variables": spec.job_variables,
             "tags": spec.tags,
             "description": spec.description,
+            "parameters": spec.parameters,
             "parameter_openapi_schema": schema,
             "enforce_parameter_schema": True,
         }

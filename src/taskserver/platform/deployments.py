@@ -17,7 +17,7 @@ import yaml
 
 from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV
 from taskserver.platform.priorities import PRIORITIES, PriorityLevel
-from taskserver.platform.tasks import JOB_LANE, TASKS, Pool, TaskType
+from taskserver.platform.tasks import JOB_LANE, LANE_DESCRIPTIONS, TASKS, Pool, TaskType
 
 PREFECT_YAML = "prefect.yaml"
 
@@ -75,7 +75,24 @@ class DeploymentSpec:
 
     @property
     def description(self) -> str:
-        return f"{self.task.description} Priority {self.priority.name}: {self.priority.description}"
+        """Flow, priority, lane, and how to choose another priority: one sentence each.
+
+        The priority is the deployment's (its queue, ``priority:`` tag and PriorityClass come
+        together); the queue under the UI's "Additional Options" moves a run without them.
+        """
+        others = ", ".join(f"{self.flow_name}/{level.name}" + ("" if self.lane == self.task.default_lane
+                                                                 else f"-{self.lane}")
+                           for level in PRIORITIES if level != self.priority)
+        return (
+            f"{self.flow_name}: {self.task.description} "
+            f"Priority {self.priority.name} (queue {self.work_queue_name}): {self.priority.description} "
+            f"{self.lane.capitalize()} lane (pool {self.pool.name}): {LANE_DESCRIPTIONS[self.lane]}. "
+            f"For another priority run its deployment ({others}), not this one on another work queue."
+        )
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return dict(self.task.deployment_parameters)
 
     @property
     def job_variables(self) -> dict[str, Any]:
@@ -135,6 +152,7 @@ def prefect_yaml_document() -> dict[str, Any]:
             "entrypoint": spec.task.entrypoint,
             "description": spec.description,
             "tags": spec.tags,
+            "parameters": spec.parameters,
             "enforce_parameter_schema": True,
             "work_pool": {
                 "name": spec.pool.name,

@@ -200,6 +200,9 @@ class PoolJobOptions(BaseModel):
     service_account_name: str | None = None
     resources: Resources = Field(default_factory=Resources)
     priority: str = DEFAULT_PRIORITY
+    priority_class_prefix: str = ""
+    """Put before the model's PriorityClass names in the pod (the chart's
+    ``priorityClasses.namePrefix``); job variables keep the model's names."""
     gpu_type: str = DEFAULT_GPU
     gpu_count: int = Field(default=1, ge=1, le=8)
     finished_job_ttl: int | None = Field(default=3600, ge=0)
@@ -363,7 +366,8 @@ def base_job_template(pool: Pool, options: PoolJobOptions | None = None) -> dict
     assert container["name"] == JOB_CONTAINER, "prefect-kubernetes' template changed shape"
 
     pod_template["metadata"] = {"labels": {POOL_LABEL: pool.name}}
-    pod_spec["priorityClassName"] = "{{ priority_class_name }}"
+    priority_class = options.priority_class_prefix + "{{ priority_class_name }}"
+    pod_spec["priorityClassName"] = priority_class
     pod_spec["nodeSelector"] = "{{ node_selector }}"
     pod_spec["tolerations"] = "{{ tolerations }}"
     pod_spec["securityContext"] = pod_security_context()
@@ -400,7 +404,7 @@ def base_job_template(pool: Pool, options: PoolJobOptions | None = None) -> dict
     if options.kueue.enabled:
         manifest["metadata"]["labels"] = {
             KUEUE_QUEUE_LABEL: "{{ kueue_queue_name }}",
-            KUEUE_PRIORITY_LABEL: "{{ priority_class_name }}",
+            KUEUE_PRIORITY_LABEL: priority_class,
         }
 
     template["variables"] = _variables(pool, options, template["variables"])

@@ -33,6 +33,8 @@ import psutil
 from taskserver.errors import TaskserverError
 
 DATABASE = "prefect"
+HOME_DATA_DIR = "postgres"
+"""The local stack's cluster lives in ``<home>/postgres``."""
 SUPERUSER = "postgres"
 SOCKET_PORT = 5432
 """The socket file's number (``.s.PGSQL.5432``) when nothing listens on TCP."""

@@ -23,10 +23,10 @@ from taskserver import storage
 from taskserver.errors import TaskserverError
 from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
-from taskserver.platform.local_postgres import LocalPostgres
+from taskserver.platform.local_postgres import HOME_DATA_DIR, LocalPostgres
 from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, Pool
 from taskserver.platform.worker import WORKER_TYPE
-from taskserver.settings import get_settings
+from taskserver.settings import env_name, get_settings
 
 DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
@@ -69,7 +69,7 @@ class StackPaths:
 
     @property
     def postgres(self) -> LocalPostgres:
-        return LocalPostgres(self.home / "postgres", log_file=self.log(POSTGRES))
+        return LocalPostgres(self.home / HOME_DATA_DIR, log_file=self.log(POSTGRES))
 
     @property
     def state(self) -> Path:
@@ -88,11 +88,15 @@ def stack_paths(home: Path | None = None) -> StackPaths:
 
 RECOVERY = "recovery"
 RECOVERY_INTERVAL_SECONDS = 15
+REQUEST_DRAINER = "request-drainer"
+REQUEST_ENDPOINT = "request-http"
+"""The request lane (``taskserver.platform.request_lane``): on PostgreSQL stacks only."""
 
 
 def components() -> list[str]:
     """Started in this order, stopped in reverse (the embedded database only when it is used)."""
-    return [POSTGRES, "server"] + [f"worker-{pool.name}" for pool in ALL_POOLS] + [RECOVERY]
+    return ([POSTGRES, "server"] + [f"worker-{pool.name}" for pool in ALL_POOLS]
+            + [RECOVERY, REQUEST_DRAINER, REQUEST_ENDPOINT])
 
 
 def _worker_argv(pool: Pool, slots: int) -> tuple[list[str], str]:
@@ -242,6 +246,7 @@ def up(
     paths.prefect_home.mkdir(parents=True, exist_ok=True)
     env = _base_env(paths)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = db_url
+    env["PREFECT_SERVER_UI_API_URL"] = url  # else the UI calls port 4200 whatever --port says
     auth = get_settings().auth_string.get_secret_value()
     if auth:  # basic auth on every route but /health; the server's own clients need it too
         env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"] = auth
@@ -296,9 +301,29 @@ def up(
            [sys.executable, "-m", "taskserver.platform.recovery", "--interval", str(RECOVERY_INTERVAL_SECONDS)],
            worker_env, "taskserver.platform.recovery")
     echo(f"recovery: lost runs are rescheduled (checked every {RECOVERY_INTERVAL_SECONDS}s)")
+    _start_request_lane(paths, worker_env, db_url, echo)
     echo(f"Prefect UI: {ui}")
     echo(f"use it with: export PREFECT_API_URL={url}")
     return StackInfo(api_url=url, ui_url=ui, database_url=db_url, home=paths.home)
+
+
+def _start_request_lane(paths: StackPaths, env: dict[str, str], db_url: str, echo) -> None:
+    """The request lane's drainer and HTTP endpoint, on the stack's PostgreSQL (never on SQLite)."""
+    if not db_url.startswith("postgresql"):
+        echo("request lane: not started (it needs PostgreSQL; this stack uses SQLite)")
+        return
+    lane_env = {**env, env_name("request_database_url"): db_url}
+    module = "taskserver.platform.request_lane"
+    _spawn(paths, REQUEST_DRAINER, [sys.executable, "-m", f"{module}.drainer", "--name", f"local-{paths.home.name}"],
+           lane_env, f"{module}.drainer")
+    port = get_settings().request_port
+    if _port_taken(port):
+        echo(f"request lane: drainer started; endpoint not started, port {port} is taken"
+             f" (set {env_name('request_port')})")
+        return
+    _spawn(paths, REQUEST_ENDPOINT, [sys.executable, "-m", f"{module}.http", "--port", str(port)], lane_env,
+           f"{module}.http")
+    echo(f"request lane: drainer and endpoint http://{HOST}:{port}/requests (logs: {paths.log(REQUEST_DRAINER)})")
 
 
 def _start_database(paths: StackPaths, database: str, echo) -> str:

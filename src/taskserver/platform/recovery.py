@@ -3,7 +3,9 @@
 Prefect's flow retries cover exceptions raised inside a flow; a run whose process vanished ends
 Crashed (by the zombie automation, or by its own SIGTERM handler) and stays there. This service
 puts such runs back in their queue, a bounded number of times, and leaves every other crash alone.
-Run it as ``python -m taskserver.platform.recovery [--interval 15] [--max-attempts 3] [--once]``.
+Run it as ``python -m taskserver.platform.recovery [--interval 15] [--max-attempts 3] [--once]
+[--heartbeat-file PATH]``; with a heartbeat file, its mtime is the time of the last finished pass
+(the chart's liveness probe restarts a loop that stopped passing).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient, get_client
@@ -29,6 +32,7 @@ from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import AwaitingRetry
 
+from taskserver.flows.heartbeats import HEARTBEAT_SECONDS
 from taskserver.platform.tasks import ALL_POOLS
 
 log = logging.getLogger("taskserver.recovery")
@@ -309,20 +313,89 @@ async def requeue_stranded_pending(
     return requeued
 
 
+SILENT_RUN_AFTER = timedelta(seconds=10 * HEARTBEAT_SECONDS)
+"""A Running run with no heartbeat for this long is lost: over three zombie windows, and well past
+Prefect's own default heartbeat (180 s) for runs that only send those."""
+SILENT_RUN_MESSAGE = (
+    f"{LOST_INFRASTRUCTURE_MESSAGES[0]} (found by taskserver recovery: no heartbeat for"
+    f" {SILENT_RUN_AFTER.total_seconds():.0f}s, and the zombie automation did not fire)"
+)
+
+
+async def _last_heartbeat(client: PrefectClient, flow_run_id: UUID, since: datetime) -> datetime | None:
+    response = await client._client.post("/events/filter", json={
+        "filter": {"event": {"name": ["prefect.flow-run.heartbeat"]},
+                   "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+                   "occurred": {"since": since.isoformat(), "until": datetime.now(timezone.utc).isoformat()}},
+        "limit": 1,
+    })
+    response.raise_for_status()
+    events = response.json().get("events") or []
+    return datetime.fromisoformat(events[0]["occurred"]) if events else None
+
+
+async def crash_silent_runs(
+    client: PrefectClient, *, pools: list[str] | None = None, silent_after: timedelta = SILENT_RUN_AFTER,
+) -> list[UUID]:
+    """Mark Crashed the platform runs Running for longer than ``silent_after`` with no heartbeat in it.
+
+    A backstop for the zombie automation: Prefect's trigger evaluation can give up on an event
+    (dead-lettered after its retries; see tests/faults/load_support.RETRIED_TRIGGER_RACE), and
+    then a zombie would stay Running for good. The Crashed state carries the automation's own
+    message, so the next pass reschedules it like any other lost run.
+    """
+    from prefect.states import Crashed
+
+    now = datetime.now(timezone.utc)
+    running = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+            deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+        ),
+        sort=FlowRunSort.ID_DESC, limit=PAGE_SIZE, offset=0,
+    )
+    crashed: list[UUID] = []
+    for flow_run in running:
+        state = flow_run.state
+        if not is_ours(flow_run, pools) or state is None or state.timestamp is None:
+            continue
+        if now - state.timestamp < silent_after:
+            continue
+        if await _last_heartbeat(client, flow_run.id, now - silent_after) is not None:
+            continue
+        current = await client.read_flow_run(flow_run.id)
+        if current.state is None or current.state.id != state.id:
+            continue
+        proposed = Crashed(message=SILENT_RUN_MESSAGE)
+        proposed.state_details.transition_id = _transition_id(flow_run.id, state.id)
+        result = await client.set_flow_run_state(flow_run.id, proposed, force=True)
+        if result.status.value == "ACCEPT":
+            log.warning("Flow run %s (%s) Running since %s sent no heartbeat for %s: marked Crashed",
+                        flow_run.name, flow_run.id, state.timestamp, silent_after)
+            crashed.append(flow_run.id)
+    return crashed
+
+
 async def serve(
     interval: float = DEFAULT_INTERVAL_SECONDS,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     lookback: timedelta = DEFAULT_LOOKBACK,
     pools: list[str] | None = None,
     once: bool = False,
+    heartbeat_file: str | Path | None = None,
 ) -> None:
-    """Pass after pass, forever (or once). An unreachable API is logged and tried again next pass."""
+    """Pass after pass, forever (or once). An unreachable API is logged and tried again next pass.
+
+    ``heartbeat_file`` (created if missing) is touched after every pass that finished, a failed
+    one included once it was logged: a hung pass leaves it stale, which a liveness probe sees.
+    """
     exhausted: set[UUID] = set()
     log.info("Recovery service: every %.0fs, at most %d attempts per run, looking back %s, pools %s",
              interval, max_attempts, lookback, pools or "all platform pools")
     while True:
         try:
             async with get_client() as client:
+                await crash_silent_runs(client, pools=pools)
                 await reschedule_lost_runs(client, max_attempts=max_attempts, lookback=lookback,
                                            pools=pools, exhausted=exhausted)
                 await requeue_stranded_pending(
@@ -331,6 +404,8 @@ async def serve(
             if once:
                 raise
             log.warning("Recovery pass failed (%s: %s); trying again in %.0fs", type(exc).__name__, exc, interval)
+        if heartbeat_file is not None:
+            Path(heartbeat_file).touch()
         if once:
             return
         await asyncio.sleep(interval)
@@ -350,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", action="append", dest="pools", default=None,
                         help="Only runs of this work pool (repeatable; default: every platform pool).")
     parser.add_argument("--once", action="store_true", help="One pass, then exit.")
+    parser.add_argument("--heartbeat-file", default=None, metavar="PATH",
+                        help="Touch this file after every pass (for a liveness probe on its age).")
     args = parser.parse_args(argv)
     if args.max_attempts < 1:
         parser.error("--max-attempts must be at least 1")
@@ -359,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
     asyncio.run(serve(args.interval, args.max_attempts, timedelta(hours=args.lookback_hours),
-                      args.pools, args.once))
+                      args.pools, args.once, args.heartbeat_file))
 
 
 if __name__ == "__main__":

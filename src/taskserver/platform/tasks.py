@@ -9,12 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from taskserver.samples import SAMPLE_TEXTS
+
 
 JOB_LANE = "job"
 """Each run in its own process (locally) or Kubernetes Job: isolated, for heavy and GPU work."""
 WARM_LANE = "warm"
 """Runs execute in interpreters that stay warm: sub-second starts for small requests."""
 LANES = (JOB_LANE, WARM_LANE)
+LANE_DESCRIPTIONS = {
+    JOB_LANE: "each run gets its own process (locally) or Kubernetes Job, for large inputs and heavy work",
+    WARM_LANE: "runs start in about half a second in an interpreter that keeps the model loaded, for small inputs",
+}
+"""What a lane means, in a person's words: the deployments' descriptions say it."""
 
 WARM_WORKER_TYPE = "taskserver-warm"
 """The Prefect worker type that serves the warm lane (taskserver.platform.warm)."""
@@ -60,6 +67,9 @@ class TaskType:
     data_parameters: tuple[str, ...] = ()
     """The parameters that carry the input data (inline, or paths to it): their size decides
     whether a run is small enough for the warm lane. Models and outputs do not count."""
+    deployment_parameters: tuple[tuple[str, str], ...] = ()
+    """Defaults the task's deployments fill in (Quick run uses them, the custom-run form starts
+    with them): a shipped sample input where the flow takes texts or a file."""
 
     def pool_for(self, lane: str) -> Pool:
         return WARM_POOL if lane == WARM_LANE else self.pool
@@ -75,7 +85,7 @@ class TaskType:
 TASKS: tuple[TaskType, ...] = (
     TaskType("encode", "src/taskserver/flows/encode.py:encode", CPU_POOL,
              "Texts to embeddings with all-MiniLM-L6-v2.", WARM_LANE, warm_capable=True,
-             data_parameters=("texts", "input_path")),
+             data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),)),
     TaskType("process-pdfs", "src/taskserver/flows/pdfs.py:process_pdfs", CPU_POOL,
              "PDFs to clean text elements and chunks.", WARM_LANE, warm_capable=True,
              data_parameters=("inputs",)),
@@ -85,7 +95,7 @@ TASKS: tuple[TaskType, ...] = (
              "Fine-tune a text classifier with accelerate."),
     TaskType("infer", "src/taskserver/flows/infer.py:infer", GPU_POOL,
              "Batch classification with a trained model.", WARM_LANE, warm_capable=True,
-             data_parameters=("texts", "input_path")),
+             data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),)),
     TaskType("ingest-documents", "src/taskserver/flows/ingest.py:ingest_documents", CPU_POOL,
              "Pipeline: PDFs to chunks to embeddings to clusters and a search index."),
 )

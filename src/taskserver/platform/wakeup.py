@@ -60,6 +60,10 @@ class WakeOnRunEvents:
         async with lock:  # the timed poll and a wake-up never fetch the same runs twice
             return await super().get_and_submit_flow_runs()  # type: ignore[misc]
 
+    def _has_free_slot(self) -> bool:
+        limiter = getattr(self, "_limiter", None)  # BaseWorker's CapacityLimiter, None without a limit
+        return limiter is None or limiter.available_tokens >= 1
+
     def wake(self) -> None:
         self._wakeup_state()[0].set()
 
@@ -71,6 +75,8 @@ class WakeOnRunEvents:
                 event, _ = self._wakeup_state()
                 await event.wait()
                 self._wake_event = anyio.Event()  # events from now on ask for the next poll
+                if not self._has_free_slot():
+                    continue  # every slot busy: the run that frees one wakes us as it returns
                 try:
                     await self.get_and_submit_flow_runs()
                 except Exception as exc:  # noqa: BLE001 - the timed poll reports API trouble

@@ -12,5 +12,12 @@ NEW_TICKETS = SAMPLES_DIR / "new-tickets.jsonl"
 """Six unlabelled tickets (``id``, ``text``) for the demo's inference step."""
 
 
+SAMPLES_PREFIX = "samples:"
+"""``samples:tickets.jsonl`` names a file shipped here, the same on every machine and image
+(``taskserver.storage.resolve`` turns it into a path): what the forms' defaults point at."""
+SAMPLE_TEXTS = SAMPLES_PREFIX + NEW_TICKETS.name
+SAMPLE_TRAINING_SET = SAMPLES_PREFIX + TICKETS.name
+
+
 def sample_pdfs() -> list[Path]:
     return sorted(PDF_DIR.glob("*.pdf"))

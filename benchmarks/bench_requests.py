@@ -1,0 +1,138 @@
+"""The request lane against the bare library and Celery + Redis, in one run, on the same texts.
+
+Compares: N single-text ``encode`` requests from ``--clients`` concurrent clients through the
+request lane (embedded PostgreSQL, one drainer, batches of up to 64); the same N texts in one
+batched ``encode_texts`` call (the bare library, the ceiling); the same N texts as N Celery tasks
+on Redis (``celery_peer.encode_one``, 2 worker processes, one submitter). Then the idle latency of
+one request, submit → result, over ``--idle-samples`` sequential requests (p50/p95).
+
+    .venv/bin/python benchmarks/bench_requests.py --requests 2000 --clients 4 --idle-samples 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from bench_queue import CelerySystem, bare_encode_seconds, percentile, request_texts  # noqa: E402
+from platform_support import free_port  # noqa: E402  (bench_queue put tests/integration on the path)
+
+RESULTS = BENCH_DIR / "results" / "requests.json"
+DRAINER = "taskserver.platform.request_lane.drainer"
+
+
+async def lane_throughput(url: str, texts: list[str], clients: int) -> dict[str, Any]:
+    """Each client submits its share one request at a time, then waits for all of its results."""
+    from taskserver.platform.request_lane.client import AsyncRequestClient
+
+    shares = [texts[i::clients] for i in range(clients)]
+
+    async def one_client(share: list[str]) -> int:
+        async with AsyncRequestClient(url) as client:
+            ids = [await client.submit("encode", {"texts": [text]}, "normal") for text in share]
+            records = await client.wait(ids, timeout=600)
+            return sum(1 for r in records.values() if r.state == "completed")
+
+    began = time.perf_counter()
+    completed = await asyncio.gather(*(one_client(share) for share in shares))
+    seconds = time.perf_counter() - began
+    return {"requests": len(texts), "clients": clients, "completed": sum(completed),
+            "seconds": round(seconds, 2), "per_second": round(len(texts) / seconds, 1)}
+
+
+async def idle_latency(url: str, samples: int) -> dict[str, Any]:
+    from taskserver.platform.request_lane.client import AsyncRequestClient
+
+    latencies = []
+    async with AsyncRequestClient(url) as client:
+        await client.result(await client.submit("encode", {"texts": ["warm up"]}), timeout=120)
+        for i in range(samples):
+            began = time.perf_counter()
+            await client.result(await client.submit("encode", {"texts": [f"idle sample {i}"]}, "high"), 60)
+            latencies.append(time.perf_counter() - began)
+            await asyncio.sleep(0.05)  # idle between samples: nothing else is queued
+    return {"samples": samples, "p50_seconds": round(percentile(latencies, 50), 4),
+            "p95_seconds": round(percentile(latencies, 95), 4), "max_seconds": round(max(latencies), 4)}
+
+
+def start_lane(home: Path):
+    import subprocess
+
+    from taskserver.platform.local_postgres import LocalPostgres
+
+    postgres = LocalPostgres(home / "postgres" / "data", port=free_port())
+    postgres.start()
+    env = dict(os.environ, TASKSERVER_REQUEST_DATABASE_URL=postgres.url, DO_NOT_TRACK="true")
+    env.pop("PREFECT_API_URL", None)  # records in Prefect are a separate cost; this measures the lane
+    log = home / "drainer.log"
+    drainer = subprocess.Popen([sys.executable, "-m", DRAINER], env=env, stdout=open(log, "ab"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "draining" not in log.read_text(errors="replace"):
+        if drainer.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the drainer did not start; see {log}")
+        time.sleep(0.2)
+    return postgres, drainer
+
+
+async def celery_run(home: Path, texts: list[str]) -> dict[str, Any]:
+    system = CelerySystem(home / "celery", home)
+    await system.start()
+    try:
+        warm = home / "celery-warm"
+        warm.mkdir()
+        await system.encode_requests(texts[:4], warm)  # each worker process loads the model first
+        out = home / "celery-out"
+        out.mkdir()
+        return await system.encode_requests(texts, out)
+    finally:
+        await system.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--idle-samples", type=int, default=100)
+    parser.add_argument("--no-celery", action="store_true", help="Skip the Celery + Redis peer.")
+    args = parser.parse_args()
+    texts = request_texts(args.requests)
+    home = Path(tempfile.mkdtemp(prefix="bench-requests-"))
+    report: dict[str, Any] = {"load_average_before": os.getloadavg()}
+    postgres, drainer = start_lane(home)
+    try:
+        report["lane"] = asyncio.run(lane_throughput(postgres.url, texts, args.clients))
+        report["idle"] = asyncio.run(idle_latency(postgres.url, args.idle_samples))
+    finally:
+        drainer.terminate()
+        drainer.wait(30)
+        postgres.stop()
+    report["bare"] = bare_encode_seconds(texts)
+    report["lane_vs_bare"] = round(report["lane"]["per_second"] / report["bare"]["per_second"], 3)
+    print(json.dumps(report, indent=2), flush=True)  # kept even if the peer fails below
+    if not args.no_celery:
+        try:
+            report["celery"] = asyncio.run(celery_run(home, texts))
+        except Exception as exc:  # noqa: BLE001 - the peer's failure is reported, the lane's figures kept
+            report["celery"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if "per_second" in report.get("celery", {}):
+        report["lane_vs_celery"] = round(report["lane"]["per_second"] / report["celery"]["per_second"], 2)
+    report["load_average_after"] = os.getloadavg()
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""The request lane: small encode and infer requests, queued durably in PostgreSQL and drained in batches.
+
+``requests`` validates and names what a request carries, ``queue`` is the SQL (priority, leases,
+results, retention), ``batches`` calls the library once per batch, ``drainer`` is the process that
+takes requests, ``client`` and ``http`` are how they are submitted.
+"""
