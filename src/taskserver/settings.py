@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         " (taskserver.flows.heartbeats); 0: it emits none. The job lane's deployments set 30; on"
         " the warm lane the worker emits them.",
     )
+    wake_on_run_events: bool = Field(
+        default=True,
+        description="Workers poll the moment a run of their pool changes state (the server's event"
+        " stream) besides their timed poll; false: the timed poll only.",
+    )
     warm_interpreters: int = Field(
         default=0, ge=0,
         description="Interpreters a warm-lane worker keeps (its run slots); 0 means the worker's"

@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 
+from taskserver.settings import get_settings
+
 WAKE_EVENT_PREFIX = "prefect.flow-run."
 IGNORED_EVENTS = ("prefect.flow-run.heartbeat",)
 """Heartbeats say a run is alive, not that anything changed for the queue."""
@@ -44,6 +46,8 @@ class WakeOnRunEvents:
 
     async def setup(self) -> None:
         await super().setup()  # type: ignore[misc]
+        if not get_settings().wake_on_run_events:
+            return
         group = anyio.create_task_group()
         await self._exit_stack.enter_async_context(group)
         self._exit_stack.callback(group.cancel_scope.cancel)
