@@ -22,7 +22,7 @@ from text_factory import topic_rows, write_rows
 
 from platform_support import BIN, base_env, count_runs, run
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.torch_threads(1), pytest.mark.usefixtures("prefect_harness")]
 
 PDF_CASES = {  # name -> (factory, reason the final state must give)
     "corrupt": (pdf_factory.corrupt_pdf, "damaged structure"),
@@ -34,14 +34,6 @@ PDF_CASES = {  # name -> (factory, reason the final state must give)
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def few_threads():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

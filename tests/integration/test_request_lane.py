@@ -25,6 +25,8 @@ from request_lane_support import DRAINER, ENDPOINT, LaneProcess, make_classifier
 
 LONG = " ".join(f"word{i} of a long text about batching and queues" for i in range(40))
 
+pytestmark = pytest.mark.torch_threads(1)  # the drainers run with OMP_NUM_THREADS=1: same kernels, same bits
+
 
 @pytest.fixture
 def lane(postgres_cluster, monkeypatch):
@@ -62,14 +64,6 @@ def processes(tmp_path):
         process.stop()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch  # the drainers run with OMP_NUM_THREADS=1: the same kernels give the same bits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _by_batch(records) -> dict:
