@@ -39,6 +39,8 @@ down:
 test: tools venv test-only
 
 test-only:
+	# The import contract first (pyproject.toml [tool.importlinter]): which room may import which.
+	$(BIN)/lint-imports --no-cache
 	bash .ci/pytest.sh
 
 bench: system-deps venv

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         ),
     )
 
+    step_deployments: dict[str, str] = Field(
+        default_factory=dict,
+        description="For a pipeline run (ingest-documents with steps_as_runs): the deployment each"
+        " step task runs as, e.g. {\"encode\": \"encode/high-job\"}. Its deployments set it"
+        " (platform.deployments), so the flows need not know the platform's naming.",
+    )
     run_heartbeat_seconds: int = Field(
         default=0, ge=0,
         description="A flow run emits a heartbeat this often from its own hooks"

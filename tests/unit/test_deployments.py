@@ -39,7 +39,8 @@ def test_one_deployment_per_task_lane_and_priority_in_the_right_pool_and_queue()
                     variables = deployment["work_pool"]["job_variables"]
                     assert variables["priority_class_name"] == level.priority_class_name
                     # heartbeats from the flows' hooks, not the engine's 1 s-per-run thread
-                    assert variables["env"] == {"TASKSERVER_RUN_HEARTBEAT_SECONDS": "30"}
+                    assert variables["env"]["TASKSERVER_RUN_HEARTBEAT_SECONDS"] == "30"
+                    assert set(variables["env"]) <= {"TASKSERVER_RUN_HEARTBEAT_SECONDS", "TASKSERVER_STEP_DEPLOYMENTS"}
                 else:  # the warm worker emits heartbeats itself and starts no pods
                     assert deployment["work_pool"]["name"] == WARM_POOL.name
                     assert deployment["work_pool"]["job_variables"] == {}
@@ -92,3 +93,46 @@ def test_descriptions_say_flow_priority_lane_and_how_to_pick_another_priority():
     by_name = {spec.full_name: spec.description for spec in specs}
     assert by_name["encode/high"] != by_name["encode/high-job"]
     assert len(set(by_name.values())) == len(by_name)
+
+
+def test_a_pipelines_deployments_name_its_steps_at_their_own_priority_on_the_job_lane():
+    """The ingest pipeline learns where its steps run from its deployment (the flows layer does
+    not import the platform's naming): each named step deployment exists, at the same level."""
+    import json
+
+    from taskserver.platform.deployments import STEP_DEPLOYMENTS_ENV, deployment_specs
+    from taskserver.settings import Settings
+
+    specs = deployment_specs()
+    names = {spec.full_name: spec for spec in specs}
+    pipelines = [spec for spec in specs if spec.task.steps]
+    assert {spec.task.name for spec in pipelines} == {"ingest-documents"}
+    for spec in pipelines:
+        raw = spec.job_variables["env"][STEP_DEPLOYMENTS_ENV]
+        steps = Settings(step_deployments=json.loads(raw)).step_deployments
+        assert set(steps) == set(spec.task.steps)
+        for step, name in steps.items():
+            target = names[name]
+            assert (target.task.name, target.priority, target.lane) == (step, spec.priority, JOB_LANE)
+    others = [spec for spec in specs if not spec.task.steps and spec.lane == JOB_LANE]
+    assert others and all(STEP_DEPLOYMENTS_ENV not in spec.job_variables["env"] for spec in others)
+
+
+def test_a_pipeline_run_outside_its_deployments_says_it_cannot_run_steps_as_runs(monkeypatch):
+    from taskserver.errors import ParameterError
+    from taskserver.flows.ingest import _step_deployment
+    from taskserver.settings import reload_settings
+
+    monkeypatch.delenv("TASKSERVER_STEP_DEPLOYMENTS", raising=False)
+    reload_settings()
+    try:
+        _step_deployment("encode")
+    except ParameterError as error:
+        assert "steps_as_runs" in str(error) and "ingest-documents/<priority>" in str(error)
+    else:
+        raise AssertionError("no error without step deployments")
+    monkeypatch.setenv("TASKSERVER_STEP_DEPLOYMENTS", '{"encode": "encode/low-job"}')
+    reload_settings()
+    assert _step_deployment("encode") == "encode/low-job"
+    monkeypatch.delenv("TASKSERVER_STEP_DEPLOYMENTS")
+    reload_settings()

@@ -14,22 +14,19 @@ from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.deployments import run_deployment
-from prefect.runtime import deployment as current_deployment
 from prefect.states import State
 from pydantic import BaseModel, Field
 
 from taskserver import documents, storage
-from taskserver.errors import BatchFailedError, DocumentError
+from taskserver.errors import BatchFailedError, DocumentError, ParameterError
 from taskserver.flows.cluster import cluster
 from taskserver.flows.encode import encode
 from taskserver.flows.pdfs import PdfBatchSummary, process_pdfs
 from taskserver.flows.forms import OptionalCount, OptionalNames, OptionalText
 from taskserver.flows.heartbeats import heartbeat_hooks
 from taskserver.flows.runtime import cluster_sizes_chart, markdown_table, publish_summary, run_link, with_failure_note
-from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
-from taskserver.platform.routing import deployment_name
-from taskserver.platform.tasks import JOB_LANE, get_task
 from taskserver.search import Collection
+from taskserver.settings import get_settings
 
 DEFAULT_OUTPUT_DIR = "outputs/ingest"
 
@@ -50,10 +47,17 @@ def default_cluster_count(chunks: int) -> int:
     return max(1, min(chunks, round(math.sqrt(chunks / 2))))
 
 
-def _step_priority() -> str:
-    """Steps run at the pipeline's own priority: its deployment is named after the level."""
-    name = current_deployment.name
-    return name if name in priority_names() else DEFAULT_PRIORITY
+def _step_deployment(step: str) -> str:
+    """The deployment a step runs as: the pipeline's own deployment says (at its own priority,
+    on the job lane), through ``Settings.step_deployments``."""
+    name = get_settings().step_deployments.get(step)
+    if name is None:
+        raise ParameterError(
+            "steps_as_runs", f"this run does not know which deployment runs its {step} step",
+            "run the pipeline through one of its deployments (ingest-documents/<priority>), which say,"
+            " or with steps_as_runs=false",
+        )
+    return name
 
 
 def _run_step(step, parameters: dict, as_run: bool, runs: dict[str, str]) -> State:
@@ -64,9 +68,7 @@ def _run_step(step, parameters: dict, as_run: bool, runs: dict[str, str]) -> Sta
     if not as_run:
         state = step(**parameters, return_state=True)
     else:
-        # On the job lane: a pipeline's steps are batch-sized, and get their own process or pod.
-        name = deployment_name(get_task(step.name), _step_priority(), JOB_LANE)
-        state = run_deployment(name, parameters=parameters, as_subflow=True).state
+        state = run_deployment(_step_deployment(step.name), parameters=parameters, as_subflow=True).state
     if state.state_details.flow_run_id is not None:
         runs[step.name] = str(state.state_details.flow_run_id)
     return state

@@ -24,8 +24,7 @@ from prefect.client.schemas.actions import (
     WorkPoolCreate,
     WorkPoolUpdate,
 )
-from prefect.client.schemas.filters import WorkQueueFilter
-from prefect.client.schemas.objects import StateType, WorkQueue
+from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.blocks.webhook import Webhook
 from prefect.events.actions import CallWebhook, ChangeFlowRunState
@@ -43,10 +42,12 @@ from taskserver.platform.deployments import (
     pull_steps,
 )
 from taskserver.platform.priorities import PRIORITIES
-from taskserver.platform.tasks import ALL_POOLS, TASKS, Pool, TaskType
+from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, read_queues
+from taskserver.platform.tasks import ALL_POOLS, PROCESS_WORKER_TYPE, TASKS, Pool, TaskType
 
 DEFAULT_QUEUE = "default"
-DEFAULT_QUEUE_PRIORITY = len(PRIORITIES) + 1
+DEFAULT_QUEUE_PRIORITY = UNKNOWN_QUEUE_PRIORITY
+"""Prefect's ``default`` queue is outside the model: after every level, as the workers order it."""
 DEFAULT_QUEUE_DESCRIPTION = (
     "Prefect's own queue, which every pool has; no taskserver deployment uses it, so it stays "
     "empty and comes after every priority. To choose a priority, run the deployment named after it."
@@ -231,7 +232,7 @@ def base_job_template_for(pool: Pool, pool_type: str) -> dict[str, Any]:
         from prefect_kubernetes.worker import KubernetesWorker
 
         return KubernetesWorker.get_default_base_job_template()
-    if pool_type == "taskserver-process":
+    if pool_type == PROCESS_WORKER_TYPE:
         from taskserver.platform.worker import PriorityProcessWorker
 
         return PriorityProcessWorker.get_default_base_job_template()
@@ -270,13 +271,6 @@ def zombie_automation() -> AutomationCore:
                 message="Flow run marked as crashed due to missing heartbeats.",
             )
         ],
-    )
-
-
-async def read_queues(client: PrefectClient, pool_name: str) -> list[WorkQueue]:
-    """All queues of a pool. Explicit paging arguments: newer FastAPI rejects the client's nulls."""
-    return await client.read_work_queues(
-        work_pool_name=pool_name, work_queue_filter=WorkQueueFilter(), limit=200, offset=0
     )
 
 
@@ -560,7 +554,7 @@ class _Bootstrapper:
 
 
 async def bootstrap_async(
-    pool_type: str = "taskserver-process",
+    pool_type: str = PROCESS_WORKER_TYPE,
     limits: Limits | None = None,
     extra_tasks: list[TaskType] | tuple[TaskType, ...] = (),
     directory: Path | None = None,
@@ -589,7 +583,7 @@ async def bootstrap_async(
 
 
 def bootstrap(
-    pool_type: str = "taskserver-process",
+    pool_type: str = PROCESS_WORKER_TYPE,
     limits: Limits | None = None,
     extra_tasks: list[TaskType] | tuple[TaskType, ...] = (),
     directory: Path | None = None,

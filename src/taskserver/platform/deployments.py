@@ -8,6 +8,7 @@ and in the priority's work queue. A warm-capable task also gets ``<flow>/<priori
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,11 @@ import yaml
 
 from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV
 from taskserver.platform.priorities import PRIORITIES, PriorityLevel
-from taskserver.platform.tasks import JOB_LANE, LANE_DESCRIPTIONS, TASKS, Pool, TaskType
+from taskserver.platform.routing import deployment_name, lane_deployment
+from taskserver.platform.tasks import JOB_LANE, LANE_DESCRIPTIONS, TASKS, Pool, TaskType, get_task
+from taskserver.settings import env_name
+
+STEP_DEPLOYMENTS_ENV = env_name("step_deployments")
 
 PREFECT_YAML = "prefect.yaml"
 
@@ -52,13 +57,11 @@ class DeploymentSpec:
 
     @property
     def name(self) -> str:
-        if self.lane == self.task.default_lane:
-            return self.priority.name
-        return f"{self.priority.name}-{self.lane}"
+        return lane_deployment(self.task, self.priority.name, self.lane)
 
     @property
     def full_name(self) -> str:
-        return f"{self.task.name}/{self.name}"
+        return deployment_name(self.task, self.priority.name, self.lane)
 
     @property
     def pool(self) -> Pool:
@@ -80,8 +83,7 @@ class DeploymentSpec:
         The priority is the deployment's (its queue, ``priority:`` tag and PriorityClass come
         together); the queue under the UI's "Additional Options" moves a run without them.
         """
-        others = ", ".join(f"{self.flow_name}/{level.name}" + ("" if self.lane == self.task.default_lane
-                                                                 else f"-{self.lane}")
+        others = ", ".join(deployment_name(self.task, level.name, self.lane)
                            for level in PRIORITIES if level != self.priority)
         return (
             f"{self.flow_name}: {self.task.description} "
@@ -100,13 +102,17 @@ class DeploymentSpec:
             # The warm worker emits the heartbeats of the runs it executes itself (a run's own
             # heartbeat thread costs ~1 s per run at exit) and has no pods to prioritise.
             return {}
+        # Heartbeats from the flows' own hooks (taskserver.flows.heartbeats), not the engine's
+        # thread, which costs ~1 s at the end of every run.
+        env = {RUN_HEARTBEAT_ENV: str(HEARTBEAT_SECONDS)}
+        if self.task.steps:
+            # A pipeline's steps run at its own priority, each on its Job (batch-sized work).
+            env[STEP_DEPLOYMENTS_ENV] = json.dumps(
+                {step: deployment_name(get_task(step), self.priority.name, JOB_LANE) for step in self.task.steps},
+                sort_keys=True,
+            )
         # priority_class_name is read by the Kubernetes base job template; process pools ignore it.
-        return {
-            "priority_class_name": self.priority.priority_class_name,
-            # Heartbeats from the flows' own hooks (taskserver.flows.heartbeats), not the engine's
-            # thread, which costs ~1 s at the end of every run.
-            "env": {RUN_HEARTBEAT_ENV: str(HEARTBEAT_SECONDS)},
-        }
+        return {"priority_class_name": self.priority.priority_class_name, "env": env}
 
 
 def deployment_specs(tasks: tuple[TaskType, ...] | list[TaskType] = TASKS) -> list[DeploymentSpec]:

@@ -24,8 +24,7 @@ from taskserver.errors import TaskserverError
 from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.local_postgres import HOME_DATA_DIR, LocalPostgres
-from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, Pool
-from taskserver.platform.worker import WORKER_TYPE
+from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, PROCESS_WORKER_TYPE, Pool
 from taskserver.settings import env_name, get_settings
 
 DEFAULT_PORT = 4200
@@ -355,7 +354,7 @@ def run_bootstrap(url: str, with_probe: bool = False):
 
         updates[PREFECT_API_AUTH_STRING] = auth
     with temporary_settings(updates=updates):
-        return bootstrap(pool_type=WORKER_TYPE, extra_tasks=extra)
+        return bootstrap(pool_type=PROCESS_WORKER_TYPE, extra_tasks=extra)
 
 
 def redact_database_url(url: str) -> str:

@@ -25,12 +25,17 @@ few dozen PDF pages, tens of seconds of work, where a process start no longer ma
 AUTO = "auto"
 
 
-def deployment_name(task: TaskType, priority: str, lane: str) -> str:
-    """``<flow>/<priority>`` on the task's default lane, ``<flow>/<priority>-<lane>`` otherwise."""
+def lane_deployment(task: TaskType, priority: str, lane: str) -> str:
+    """A deployment's own name: ``<priority>`` on the task's default lane, ``<priority>-<lane>``
+    otherwise. The one definition of the naming: the generator and the submitters use it."""
     level = get_priority(priority)
-    if lane == task.default_lane:
-        return f"{task.name}/{level.name}"
-    return f"{task.name}/{level.name}-{lane}"
+    return level.name if lane == task.default_lane else f"{level.name}-{lane}"
+
+
+def deployment_name(task: TaskType, priority: str, lane: str | None = None) -> str:
+    """``<flow>/<priority>`` on the task's default lane (also for ``lane=None``),
+    ``<flow>/<priority>-<lane>`` otherwise."""
+    return f"{task.name}/{lane_deployment(task, priority, lane or task.default_lane)}"
 
 
 def _strings(value: Any) -> Iterator[str]:

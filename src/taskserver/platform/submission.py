@@ -72,7 +72,7 @@ def _task_type(name: str) -> TaskType:
 async def resolve_deployment(client: PrefectClient, task: str, priority: str,
                              lane: str | None = None) -> Deployment:
     level = get_priority(priority)
-    name = f"{task}/{level.name}" if lane is None else deployment_name(_task_type(task), level.name, lane)
+    name = deployment_name(_task_type(task), level.name, lane)
     try:
         return await client.read_deployment_by_name(name)
     except ObjectNotFound:

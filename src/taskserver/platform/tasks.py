@@ -23,6 +23,8 @@ LANE_DESCRIPTIONS = {
 }
 """What a lane means, in a person's words: the deployments' descriptions say it."""
 
+PROCESS_WORKER_TYPE = "taskserver-process"
+"""The Prefect worker type of the local stack's job-lane pools (taskserver.platform.worker)."""
 WARM_WORKER_TYPE = "taskserver-warm"
 """The Prefect worker type that serves the warm lane (taskserver.platform.warm)."""
 
@@ -70,6 +72,9 @@ class TaskType:
     deployment_parameters: tuple[tuple[str, str], ...] = ()
     """Defaults the task's deployments fill in (Quick run uses them, the custom-run form starts
     with them): a shipped sample input where the flow takes texts or a file."""
+    steps: tuple[str, ...] = ()
+    """For a pipeline: the tasks it may run as their own deployment runs. Each of its
+    deployments tells its runs where those are (``Settings.step_deployments``)."""
 
     def pool_for(self, lane: str) -> Pool:
         return WARM_POOL if lane == WARM_LANE else self.pool
@@ -97,7 +102,8 @@ TASKS: tuple[TaskType, ...] = (
              "Batch classification with a trained model.", WARM_LANE, warm_capable=True,
              data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),)),
     TaskType("ingest-documents", "src/taskserver/flows/ingest.py:ingest_documents", CPU_POOL,
-             "Pipeline: PDFs to chunks to embeddings to clusters and a search index."),
+             "Pipeline: PDFs to chunks to embeddings to clusters and a search index.",
+             steps=("process-pdfs", "encode", "cluster")),
 )
 
 _BY_NAME = {task.name: task for task in TASKS}

@@ -24,10 +24,8 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 
 from taskserver.platform import job_engine
 from taskserver.platform.queue_order import QueuePriorityMixin
+from taskserver.platform.tasks import PROCESS_WORKER_TYPE, WARM_POOL
 from taskserver.platform.wakeup import WakeOnRunEvents
-
-WORKER_TYPE = "taskserver-process"
-"""The pool type of the local stack's pools, served by this worker."""
 
 START_GATE_POLL_SECONDS = 0.2
 START_GATE_TIMEOUT_SECONDS = 120.0
@@ -52,7 +50,7 @@ class PriorityProcessJobConfiguration(ProcessJobConfiguration):
 class PriorityProcessWorker(WakeOnRunEvents, QueuePriorityMixin, ProcessWorker):
     """Process worker whose flow bodies start in queue-priority order."""
 
-    type = WORKER_TYPE
+    type = PROCESS_WORKER_TYPE
     job_configuration = PriorityProcessJobConfiguration
     _display_name = "Taskserver process"
     _description = (
@@ -162,8 +160,6 @@ def main(argv: list[str] | None = None) -> None:
     The warm pool gets the warm lane's worker (LIMIT = its interpreters), any other pool this one.
     """
     args = sys.argv[1:] if argv is None else argv
-    from taskserver.platform.tasks import WARM_POOL
-
     if args and args[0] == WARM_POOL.name:
         from taskserver.platform.warm import main as warm_main
 
