@@ -837,7 +837,7 @@ async def bench_on_database(database: str, chosen: list[str], scale: Scale, work
 
 
 async def _bench_prefect_systems(database, chosen, scale, server, work, logs, bootstrap_async, extra_tasks):
-    await bootstrap_async(pool_type="taskserver-process", extra_tasks=extra_tasks)
+    await bootstrap_async(extra_tasks=extra_tasks)
     from taskserver.platform.localstack import WARM_POLL_SECONDS
 
     results: dict[str, dict] = {}

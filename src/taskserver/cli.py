@@ -18,6 +18,7 @@ import typer
 from taskserver.errors import TaskserverError
 from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
+from taskserver.platform.tasks import PROCESS_WORKER_TYPE
 
 for _name, _value in CLIENT_ENV.items():  # before Prefect is imported: it reads them once
     os.environ.setdefault(_name, _value)
@@ -216,7 +217,7 @@ def down() -> None:
 @_friendly
 def bootstrap(
     pool_type: str = typer.Option(
-        "taskserver-process", help="Pool type: taskserver-process (local), process, or kubernetes (cluster)."
+        PROCESS_WORKER_TYPE, help=f"Pool type: {PROCESS_WORKER_TYPE} (local), process, or kubernetes (cluster)."
     ),
     pool_limit: List[str] = typer.Option([], help="Pool concurrency limit, e.g. cpu=4 (repeatable)."),
     queue_limit: List[str] = typer.Option([], help="Queue concurrency limit, e.g. gpu/low=1 (repeatable)."),

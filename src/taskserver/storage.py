@@ -186,18 +186,6 @@ def output_dir(location: str) -> Iterator[Path]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-RESULTS_DIRNAME = "prefect-results"
-"""Prefect's result storage lives in the data location, so any worker or pod can read any run's result."""
-
-
-def prefect_results_env(data_location: str) -> dict[str, str]:
-    """Environment that puts Prefect's persisted results under the shared data location."""
-    return {
-        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        "PREFECT_LOCAL_STORAGE_PATH": os.path.join(data_location, RESULTS_DIRNAME),
-    }
-
-
 def read_text(location: str, error: type[TaskserverError] = InvalidInputError) -> str:
     """A text file's content as UTF-8 (a leading BOM dropped); other bytes raise ``error`` naming the file."""
     raw = read_bytes(location)

@@ -80,7 +80,7 @@ def server(postgres_url, tmp_path):
     started = PrefectServer(tmp_path / "server", postgres_url).start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: started.api_url}):
-            bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+            bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
             yield started
     finally:
         started.stop()

@@ -75,7 +75,7 @@ def test_postgres_outage_of_30s_loses_and_duplicates_nothing(cluster, tmp_path):
     worker = None
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+            bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
             pool = asyncio.run(_pool_of("probe/high"))
             # One slot: one run holds it through the outage, the others wait in the queue.
             worker = WorkerProcess(pool, 1, server.api_url, tmp_path / "worker.log", env=CLIENT_RETRY_ENV).start()

@@ -30,7 +30,7 @@ def test_server_restart_with_100_runs_queued_completes_all_once(postgres_url, tm
     recovery = RecoveryService(server.api_url, tmp_path / "recovery.log")
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+            bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
             labels = [f"q{i:03d}" for i in range(RUNS)]
             run_ids = dict(zip(labels, create_runs("probe/normal",
                                                    [probe_params(l, records, seconds=0.5) for l in labels])))

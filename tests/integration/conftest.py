@@ -45,7 +45,7 @@ def serve_platform(tmp_path_factory):
             from taskserver.platform.bootstrap import bootstrap
             from taskserver.platform.tasks import DIAGNOSTIC_TASKS
 
-            bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+            bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
         yield server
     finally:
         server.stop()

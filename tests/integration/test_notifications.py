@@ -43,7 +43,7 @@ def _names(state: dict) -> list[str]:
 
 
 def _bootstrap(notifications: Notifications):
-    return bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS, notifications=notifications)
+    return bootstrap(extra_tasks=DIAGNOSTIC_TASKS, notifications=notifications)
 
 
 @pytest.fixture

@@ -66,7 +66,7 @@ def test_critical_arrivals_under_load_start_ahead_of_every_waiting_lower_run(sta
 
 
 def test_pool_and_queue_concurrency_limits_hold(start_worker, records):
-    bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS,
+    bootstrap(extra_tasks=DIAGNOSTIC_TASKS,
               limits=Limits.parse(["cpu=2"], ["cpu/low=1"]))
     try:
         for i in range(3):
@@ -75,7 +75,7 @@ def test_pool_and_queue_concurrency_limits_hold(start_worker, records):
         start_worker("cpu", slots=4)  # more slots than the pool allows: the server must cap it
         wait_until(lambda: len(read_done(records)) == 6, timeout=240, what="six probe runs to finish")
     finally:
-        bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS, limits=Limits())
+        bootstrap(extra_tasks=DIAGNOSTIC_TASKS, limits=Limits())
 
     done = read_done(records)
     low = [(r["started"], r["ended"]) for label, r in done.items() if label.startswith("low")]

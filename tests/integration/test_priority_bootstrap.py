@@ -37,12 +37,12 @@ def test_bootstrap_repairs_shifted_priorities_and_a_second_run_changes_nothing(p
     run(disturb())
     assert run(_queues())["cpu"] != run(_queues())["gpu"]  # disturbed
 
-    first = bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+    first = bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
     assert first.changed
     assert run(_queues())["cpu"] == run(_queues())["gpu"]
 
     before = run(_state())
-    second = bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+    second = bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
     assert not second.changed, second.summary()
     assert run(_state()) == before
     assert ZOMBIE_AUTOMATION in {name for name, _ in before["automations"]}

@@ -18,7 +18,7 @@ def test_restarting_the_server_with_runs_queued_loses_and_repeats_nothing(postgr
     worker = None
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            bootstrap(pool_type="taskserver-process", extra_tasks=DIAGNOSTIC_TASKS)
+            bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
             labels = [f"r{i}" for i in range(6)]
             run_ids = {label: submit("probe", "normal", probe_params(label, records, seconds=1.0)) for label in labels}
             worker = WorkerProcess("cpu", 2, server.api_url, tmp_path / "worker.log").start()

@@ -11,7 +11,7 @@ import shutil
 
 from platform_support import run, wait_until
 
-from taskserver import storage
+from taskserver.platform.client_env import RESULTS_DIRNAME, prefect_results_env
 from taskserver.samples import sample_pdfs
 from taskserver.search import Collection, search
 
@@ -42,7 +42,7 @@ def test_ingest_steps_run_on_other_workers_and_hand_over_through_the_data_locati
         own = tmp_path / f"worker-{name}"
         own.mkdir()
         env = {"TASKSERVER_HOME": str(own / "home"), "PREFECT_HOME": str(own / "prefect-home"),
-               "TASKSERVER_DATA_DIR": str(data), **storage.prefect_results_env(str(data))}
+               "TASKSERVER_DATA_DIR": str(data), **prefect_results_env(str(data))}
         start_worker("cpu", slots=1, env=env, cwd=own)
 
     run_id = submit("ingest-documents", "normal",
@@ -62,4 +62,4 @@ def test_ingest_steps_run_on_other_workers_and_hand_over_through_the_data_locati
     assert len(collection.chunks()) > 3
     assert search(collection.location, "how does training survive preemption?", k=1)[0].source.endswith(
         "gpu-scheduling.pdf")
-    assert (data / storage.RESULTS_DIRNAME).is_dir()
+    assert (data / RESULTS_DIRNAME).is_dir()

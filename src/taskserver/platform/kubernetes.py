@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from taskserver import __version__, storage
+from taskserver import __version__
 from taskserver.errors import ParameterError
 from taskserver.platform.gpus import (
     DEFAULT_GPU,
@@ -33,7 +33,7 @@ from taskserver.platform.priorities import (
     PriorityLevel,
     get_priority,
 )
-from taskserver.platform.client_env import CLIENT_ENV
+from taskserver.platform.client_env import CLIENT_ENV, RESULTS_DIRNAME, prefect_results_env
 from taskserver.platform.tasks import POOLS, Pool, TaskType
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -159,7 +159,7 @@ class SharedData(BaseModel):
         if self.kind == "volume":
             return [{"name": "TASKSERVER_DATA_DIR", "value": self.mount_path}] + [
                 {"name": name, "value": value}
-                for name, value in storage.prefect_results_env(self.mount_path).items()
+                for name, value in prefect_results_env(self.mount_path).items()
             ]
         if self.kind == "object_store":
             env: list[dict[str, Any]] = [{"name": "TASKSERVER_DATA_DIR", "value": self.url}]
@@ -489,7 +489,7 @@ def platform_document() -> dict[str, Any]:
         # The warm lane's pool: a long-running worker of its own type, not Jobs (chart: warm.*).
         "warmPool": {"name": WARM_POOL.name, "workerType": WARM_POOL.worker_type},
         # Prefect results under the shared data location, as SharedData.env() gives jobs.
-        "resultsDirname": storage.RESULTS_DIRNAME,
+        "resultsDirname": RESULTS_DIRNAME,
         # Given to every Prefect client container (taskserver.clientEnv in _helpers.tpl).
         "clientEnv": dict(CLIENT_ENV),
         "runAsUser": RUN_AS_USER,

@@ -19,9 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskserver import storage
 from taskserver.errors import TaskserverError
-from taskserver.platform.client_env import CLIENT_ENV
+from taskserver.platform.client_env import CLIENT_ENV, prefect_results_env
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.local_postgres import HOME_DATA_DIR, LocalPostgres
 from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, PROCESS_WORKER_TYPE, Pool
@@ -280,7 +279,7 @@ def up(
     worker_env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # workers keep the client's PREFECT_API_AUTH_STRING
     worker_env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)})
     # Results in the data location, as on Kubernetes: a pipeline step's result is readable anywhere.
-    worker_env.update(storage.prefect_results_env(get_settings().data_location))
+    worker_env.update(prefect_results_env(get_settings().data_location))
     for pool in ALL_POOLS:
         pool_slots = warm_slots if pool.worker_type else slots
         argv, worker_marker = _worker_argv(pool, pool_slots)
