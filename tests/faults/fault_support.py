@@ -213,3 +213,30 @@ def _cmdline(process: psutil.Process) -> list[str]:
 def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
     """platform_support.wait_until, polling once a second by default."""
     return wait_until(predicate, timeout, what, interval)
+
+
+def heartbeats_received(ids: list[UUID]) -> set[UUID]:
+    """The runs among ``ids`` whose ``prefect.flow-run.heartbeat`` the server has stored: from then
+    on the zombie automation watches them, so a kill is sure to be noticed."""
+
+    async def read() -> set[UUID]:
+        from prefect.client.orchestration import get_client
+        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+        wanted = EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                             resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}" for run_id in ids]))
+        async with get_client() as client:
+            response = await client._client.post(
+                "/events/filter", json={"filter": wanted.model_dump(mode="json"), "limit": 200}
+            )
+            response.raise_for_status()
+            return {UUID(event["resource"]["prefect.resource.id"].rsplit(".", 1)[1])
+                    for event in response.json()["events"]}
+
+    return asyncio.run(read())
+
+
+def wait_for_heartbeats(ids: list[UUID], timeout: float = 60) -> None:
+    """Until the server has a heartbeat of every run in ``ids``."""
+    wait_for(lambda: heartbeats_received(ids) >= set(ids), timeout, f"a heartbeat of each of {len(ids)} runs",
+             interval=0.5)

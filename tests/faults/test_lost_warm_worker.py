@@ -8,13 +8,13 @@ automation, 90 s); Pending ones through the worker's own heartbeat going stale (
 
 from __future__ import annotations
 
-import time
-
 import psutil
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from fault_support import RecoveryService, create_runs, kill_like_a_lost_node, read_runs, state_types, wait_for
+from fault_support import (
+    RecoveryService, create_runs, kill_like_a_lost_node, read_runs, state_types, wait_for, wait_for_heartbeats,
+)
 from platform_support import probe_params, read_done, read_starts
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
@@ -33,7 +33,7 @@ def test_a_lost_warm_worker_loses_and_repeats_nothing(prefect_server, start_work
         first = start_worker("warm", slots=2, env={"TASKSERVER_WARM_PRELOAD": "flows"})
         running = create_runs("probe/normal-warm", [probe_params(f"run{i}", records, 45) for i in range(2)])
         wait_for(lambda: len(read_starts(records)) == 2, 300, "both runs to be in their bodies", interval=0.3)
-        time.sleep(2)  # the worker's first heartbeat for them is on its way
+        wait_for_heartbeats(running)  # the zombie automation now watches them
         interpreters = _interpreters(first)
         assert len(interpreters) == 2
         os_pid = first.process.pid

@@ -9,7 +9,6 @@ is mid-body, as losing a node or pod would. The zombie automation marks the runs
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from fault_support import (
     RecoveryService, all_in, create_runs, job_lane_deployment, kill_like_a_lost_node, read_runs, state_types,
-    wait_for,
+    wait_for, wait_for_heartbeats,
 )
 from platform_support import probe_params, read_done, read_starts
 
@@ -33,9 +32,9 @@ PROBE_SECONDS = 60.0
 worker is killed: 40 s was not, twice, on a busy machine (the three real runs took up to 30 s to
 reach Running)."""
 ZOMBIE_MESSAGE = "Flow run marked as crashed due to missing heartbeats."
-HEARTBEAT_FLUSH_SECONDS = 2.0
-"""A run's first heartbeat is emitted as its body starts and sent asynchronously: a run killed in
-the same instant has none, and the zombie automation only watches runs it has heard from."""
+# A run's first heartbeat is emitted as its body starts and sent asynchronously: a run killed in
+# the same instant has none, and the zombie automation only watches runs it has heard from. So
+# each round waits for the server to have one of every run (wait_for_heartbeats) before the kill.
 
 
 def _texts(seed: int, count: int) -> list[dict]:
@@ -119,7 +118,7 @@ def test_killing_workers_with_their_runs_loses_and_repeats_nothing(prefect_serve
                 runs[f"r{r}-{flow}"] = run_id
             wait_for(lambda: all_in(ids, {"RUNNING", "COMPLETED", "FAILED", "CRASHED"}), timeout=300,
                      what=f"every run of round {r} to be in its body", interval=0.3)
-            time.sleep(HEARTBEAT_FLUSH_SECONDS)
+            wait_for_heartbeats(ids)  # the zombie automation now watches each of them
             kill_like_a_lost_node(worker)
             at_kill = state_types(ids)
             finished = [label for label, run_id in runs.items() if at_kill.get(run_id, "RUNNING") != "RUNNING"]
