@@ -7,7 +7,10 @@ export PATH="$PWD/.tools/bin:$PATH"
 export DO_NOT_TRACK=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # The test command installs every tool, so a skip would hide a broken install: make it fail.
 export TASKSERVER_STRICT_SKIPS=1
-.venv/bin/python -m pytest -ra -p no:cacheprovider --durations=25 "$@"
+# Two processes, whole files each (module fixtures stay shared): most of a test's time is waiting
+# on servers, workers and heartbeats. TASKSERVER_TEST_PROCESSES=0 runs everything in this one.
+.venv/bin/python -m pytest -ra -p no:cacheprovider --durations=40 \
+  -n "${TASKSERVER_TEST_PROCESSES:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests (exit 5)"

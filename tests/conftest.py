@@ -13,8 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-if "TASKSERVER_HOME" not in os.environ:
+# A home of its own for each pytest process: under pytest-xdist the workers inherit the
+# controller's environment, so a home this file made in another process is replaced too.
+if os.environ.get("TASKSERVER_HOME_MADE_BY") not in (None, str(os.getpid())) or "TASKSERVER_HOME" not in os.environ:
     os.environ["TASKSERVER_HOME"] = tempfile.mkdtemp(prefix="taskserver-test-home-")
+    os.environ["TASKSERVER_HOME_MADE_BY"] = str(os.getpid())
 
 # Shared test data makers (pdf_factory) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))

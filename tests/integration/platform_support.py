@@ -62,8 +62,10 @@ class PrefectServer:
     def start(self, timeout: float = 120) -> "PrefectServer":
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.home / "server.log", "ab")
+        # Events are stored within 0.5 s (default 5 s), so a test can wait for one to arrive
+        # (the fault tests wait for each run's first heartbeat before they kill its worker).
         env = base_env(PREFECT_HOME=str(self.home), PREFECT_API_DATABASE_CONNECTION_URL=self.database_url,
-                       PREFECT_UI_ENABLED="false")
+                       PREFECT_UI_ENABLED="false", PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL="0.5")
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],

@@ -76,12 +76,34 @@ def _own_non_loopback_ipv4() -> list[str]:
     return [a for a in out.split() if "." in a and not a.startswith("127.")]
 
 
-@pytest.fixture
-def secured_stack(tmp_path, postgres_url):
-    """`taskserver up` with auth, a Postgres URL holding a password and a webhook URL holding a token."""
+@pytest.fixture(scope="module")
+def module_postgres():
+    """One throwaway PostgreSQL for the module's one stack (as ``postgres_cluster``, at module scope)."""
+    import shutil
+    import tempfile
+
+    from taskserver.platform.local_postgres import LocalPostgres
+
+    base = Path(tempfile.mkdtemp(prefix="taskserver-pg-"))
+    cluster = LocalPostgres(base / "data", port=free_port())
+    cluster.start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def secured_stack(tmp_path_factory, module_postgres):
+    """`taskserver up` with auth, a Postgres URL holding a password and a webhook URL holding a token.
+
+    One stack for both tests (a stack start is most of their time); the first test leaves one
+    Completed run behind, which the second does not count on."""
+    tmp_path = tmp_path_factory.mktemp("secured")
     home = tmp_path / "home"
     port = free_port()
-    user, rest = postgres_url.split("://", 1)[1].split("@", 1)
+    user, rest = module_postgres.split("://", 1)[1].split("@", 1)
     database_url = f"postgresql+asyncpg://{user}:{DB_PASSWORD}@{rest}"  # trust auth: the password is not checked
     hook = f"http://127.0.0.1:{free_port()}/hooks/taskserver?token={HOOK_TOKEN}"  # nothing listens there
     env = {"TASKSERVER_AUTH_STRING": AUTH, "TASKSERVER_NOTIFY_WEBHOOK_URL": hook,
@@ -118,12 +140,13 @@ def test_local_stack_listens_on_loopback_only_and_refuses_unauthenticated_reques
 
     # The CLI without the credentials is refused before any run exists.
     records = secured_stack["tmp"] / "records"
+    runs_before = int(_request(f"{api}/flow_runs/count", {}, auth=AUTH)[1])
     refused = _cli(secured_stack["home"], {}, "submit", "probe", "-p", "high", "--param", "label=nope",
                    "--param", f"record_dir={records}", "--param", "seconds=0")
     assert refused.returncode != 0
     assert "401" in refused.stdout + refused.stderr or "Unauthorized" in refused.stdout + refused.stderr
     secured_stack["outputs"].append(refused.stdout + refused.stderr)
-    assert int(_request(f"{api}/flow_runs/count", {}, auth=AUTH)[1]) == 0
+    assert int(_request(f"{api}/flow_runs/count", {}, auth=AUTH)[1]) == runs_before
 
     # With them (TASKSERVER_AUTH_STRING), a run goes through the authenticated workers to Completed.
     done = _cli(secured_stack["home"], secured_stack["env"], "submit", "probe", "-p", "high", "--param", "label=ok",
