@@ -247,6 +247,32 @@ def bootstrap(
     typer.echo(report.summary())
 
 
+@app.command("tasks")
+@_friendly
+def list_tasks() -> None:
+    """The task catalogue as installed: name, package, pool, lanes and parameters of each task
+    type; registrations that were refused, and why, after them (exit 1 if there are any)."""
+    from taskserver.platform.deployments import code_dir
+    from taskserver.platform.registration import parameter_schema
+    from taskserver.platform.tasks import catalogue
+
+    found = catalogue()
+    rows = [("TASK", "PACKAGE", "POOL", "LANES", "PARAMETERS")]
+    for task in found.tasks:
+        try:
+            parameters = ", ".join(parameter_schema(task, code_dir()).get("properties", {}))
+        except Exception as exc:  # a missing file or module: say so in the row, list the rest
+            parameters = f"(unreadable: {type(exc).__name__}: {exc})"
+        rows.append((task.name, found.package_of(task.name), task.pool.name, ", ".join(task.lanes), parameters))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+    for problem in found.problems:
+        typer.secho(f"refused: {problem}", fg=typer.colors.YELLOW, err=True)
+    if found.problems:
+        raise typer.Exit(1)
+
+
 @app.command()
 @_friendly
 def submit(
@@ -304,18 +330,16 @@ def _parse(items: list[str]) -> dict[str, Any]:
 
 def load_catalogue_flow(name: str):
     """The flow object of a catalogue task (or the probe), loaded from its entrypoint."""
-    from prefect.flows import load_flow_from_entrypoint
-
     from taskserver.platform.deployments import code_dir
+    from taskserver.platform.registration import is_module_entrypoint, load_flow
     from taskserver.platform.tasks import DIAGNOSTIC_TASKS, get_task
 
     diagnostic = {t.name: t for t in DIAGNOSTIC_TASKS}
     task = diagnostic.get(name) or get_task(name)
-    path, _, func = task.entrypoint.rpartition(":")
-    source = code_dir() / path
-    if not source.exists():
+    path = task.entrypoint.rpartition(":")[0]
+    if not is_module_entrypoint(task.entrypoint) and not (code_dir() / path).exists():
         raise TaskserverError(f"task {name!r}", f"its flow file {path} does not exist yet")
-    return load_flow_from_entrypoint(f"{source}:{func}")
+    return load_flow(task, code_dir())
 
 
 def run_in_process(name: str, parameters: dict[str, Any]) -> Any:

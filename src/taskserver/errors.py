@@ -84,6 +84,16 @@ class ParameterError(InvalidInputError):
         return cls(subject, reason, f"choose one of: {', '.join(choices)}")
 
 
+class RegistrationError(InvalidInputError):
+    """Installed task types that cannot join the catalogue; the bootstrap creates nothing."""
+
+    @classmethod
+    def of(cls, problems: list[str]) -> "RegistrationError":
+        listed = "\n  ".join(problems)
+        return cls("installed task types", f"{len(problems)} problem(s):\n  {listed}\n",
+                   "nothing was created; fix the package or uninstall it, then bootstrap again")
+
+
 class RequestLaneError(TaskserverError):
     """The request lane cannot take or answer a request (its database is unreachable, a wait timed out)."""
 

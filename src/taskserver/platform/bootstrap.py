@@ -31,9 +31,8 @@ from prefect.events.actions import CallWebhook, ChangeFlowRunState
 from prefect.events.schemas.automations import Automation, AutomationCore, EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
-from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-from taskserver.errors import InvalidInputError, ParameterError
+from taskserver.errors import InvalidInputError, ParameterError, RegistrationError
 from taskserver.platform.deployments import (
     ZOMBIE_WINDOW_SECONDS,
     DeploymentSpec,
@@ -43,7 +42,8 @@ from taskserver.platform.deployments import (
 )
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, read_queues
-from taskserver.platform.tasks import ALL_POOLS, PROCESS_WORKER_TYPE, TASKS, Pool, TaskType
+from taskserver.platform.registration import is_module_entrypoint, parameter_schema, verify
+from taskserver.platform.tasks import ALL_POOLS, PROCESS_WORKER_TYPE, Pool, TaskType, catalogue
 
 DEFAULT_QUEUE = "default"
 DEFAULT_QUEUE_PRIORITY = UNKNOWN_QUEUE_PRIORITY
@@ -166,6 +166,7 @@ class Notifications:
 class BootstrapReport:
     changes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -174,6 +175,7 @@ class BootstrapReport:
     def summary(self) -> str:
         lines = [f"changed: {c}" for c in self.changes] or ["no changes: already up to date"]
         lines += [f"skipped: {s}" for s in self.skipped]
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -404,11 +406,11 @@ class _Bootstrapper:
             await self._deployment(spec)
 
     def _schema(self, spec: DeploymentSpec) -> dict[str, Any] | None:
-        path, _, func = spec.task.entrypoint.rpartition(":")
-        source = self.directory / path
-        if not source.exists():
-            return None
-        return parameter_schema_from_entrypoint(f"{source}:{func}").model_dump_for_openapi()
+        """The flow's parameters; None when its file is not in this checkout (yet)."""
+        if not is_module_entrypoint(spec.task.entrypoint):
+            if not (self.directory / spec.task.entrypoint.rpartition(":")[0]).exists():
+                return None
+        return parameter_schema(spec.task, self.directory)
 
     async def _deployment(self, spec: DeploymentSpec) -> None:
         schema = self._schema(spec)
@@ -568,11 +570,17 @@ async def bootstrap_async(
     limits = limits if limits is not None else Limits.from_env()
     notifications = notifications if notifications is not None else Notifications.from_settings()
     directory = (directory or code_dir()).resolve()
-    tasks = list(TASKS) + list(extra_tasks)
     if client is None:
         async with get_client() as owned:
             return await bootstrap_async(pool_type, limits, extra_tasks, directory, owned, notifications)
+    # The installed task types first, whole: a bad registration creates nothing at all.
+    installed = catalogue()
+    checked = verify(installed, directory)
+    if checked.problems:
+        raise RegistrationError.of(checked.problems)
+    tasks = list(installed.tasks) + list(extra_tasks)
     work = _Bootstrapper(client, pool_type, limits, directory, notifications)
+    work.report.warnings += checked.warnings
     work.check_notified_names(tasks)
     await work.pools()
     await work.queues()

@@ -19,7 +19,7 @@ import yaml
 from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV
 from taskserver.platform.priorities import PRIORITIES, PriorityLevel
 from taskserver.platform.routing import deployment_name, lane_deployment
-from taskserver.platform.tasks import JOB_LANE, LANE_DESCRIPTIONS, TASKS, Pool, TaskType, get_task
+from taskserver.platform.tasks import JOB_LANE, LANE_DESCRIPTIONS, Pool, TaskType, catalogue, get_task
 from taskserver.settings import env_name
 
 STEP_DEPLOYMENTS_ENV = env_name("step_deployments")
@@ -115,10 +115,11 @@ class DeploymentSpec:
         return {"priority_class_name": self.priority.priority_class_name, "env": env}
 
 
-def deployment_specs(tasks: tuple[TaskType, ...] | list[TaskType] = TASKS) -> list[DeploymentSpec]:
-    """One spec per task, lane and priority: catalogue order, default lane first, then priority."""
+def deployment_specs(tasks: tuple[TaskType, ...] | list[TaskType] | None = None) -> list[DeploymentSpec]:
+    """One spec per task, lane and priority: catalogue order, default lane first, then priority.
+    ``None``: the installed catalogue."""
     specs = []
-    for task in tasks:
+    for task in catalogue().tasks if tasks is None else tasks:
         for lane in task.lanes:
             for level in PRIORITIES:
                 schedules: tuple[ScheduleSpec, ...] = ()

@@ -22,7 +22,7 @@ from prefect.exceptions import ObjectNotFound
 from taskserver.errors import ParameterError
 from taskserver.platform.priorities import DEFAULT_PRIORITY, get_priority
 from taskserver.platform.routing import choose_lane, deployment_name
-from taskserver.platform.tasks import DIAGNOSTIC_TASKS, TASKS, TaskType, get_task, task_names
+from taskserver.platform.tasks import DIAGNOSTIC_TASKS, TaskType, catalogue, get_task, task_names
 from taskserver.settings import get_settings
 
 FINAL_STATE_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -63,7 +63,7 @@ def validate_parameters(parameters: dict[str, Any], schema: dict[str, Any], wher
 
 def _task_type(name: str) -> TaskType:
     """A catalogue task, or a diagnostic one (probe); else "unknown task" with the choices."""
-    for task in (*TASKS, *DIAGNOSTIC_TASKS):
+    for task in (*catalogue().tasks, *DIAGNOSTIC_TASKS):
         if task.name == name:
             return task
     return get_task(name)

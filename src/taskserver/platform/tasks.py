@@ -3,11 +3,21 @@
 Deployments are named ``<flow>/<priority>`` (the task's default lane) and, for warm-capable
 tasks, ``<flow>/<priority>-<other lane>``; this catalogue and the priority model are the two
 inputs every generated deployment comes from.
+
+The catalogue is what is installed: every package registers its task types under the entry
+point group ``taskserver.tasks`` (``TASK_ENTRY_POINTS``), taskserver's own six included
+(``BUILTIN_TASKS``, registered in its pyproject.toml). ``TASKS``, ``get_task`` and
+``task_names`` read the catalogue; ``catalogue()`` also says which package registered each
+task and what was wrong with the registrations it refused (``taskserver bootstrap`` refuses
+to start with any: ``platform.registration``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Iterable
 
 from taskserver.samples import SAMPLE_TEXTS
 
@@ -87,7 +97,7 @@ class TaskType:
         return (self.default_lane, *(lane for lane in LANES if lane != self.default_lane))
 
 
-TASKS: tuple[TaskType, ...] = (
+BUILTIN_TASKS: tuple[TaskType, ...] = (
     TaskType("encode", "src/taskserver/flows/encode.py:encode", CPU_POOL,
              "Texts to embeddings with all-MiniLM-L6-v2.", WARM_LANE, warm_capable=True,
              data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),)),
@@ -106,22 +116,6 @@ TASKS: tuple[TaskType, ...] = (
              steps=("process-pdfs", "encode", "cluster")),
 )
 
-_BY_NAME = {task.name: task for task in TASKS}
-
-
-def task_names() -> list[str]:
-    return [task.name for task in TASKS]
-
-
-def get_task(name: str) -> TaskType:
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        from taskserver.errors import ParameterError
-
-        raise ParameterError.not_in(f"task {name!r}", "unknown task", _BY_NAME) from None
-
-
 PROBE_TASK = TaskType(
     "probe", "src/taskserver/flows/probe.py:probe", CPU_POOL,
     "Diagnostic: records when its body starts, then sleeps. Used by tests and benchmarks.",
@@ -129,3 +123,124 @@ PROBE_TASK = TaskType(
 )
 DIAGNOSTIC_TASKS: tuple[TaskType, ...] = (PROBE_TASK,)
 """Deployed only on request (`taskserver bootstrap --with-probe`); not part of the catalogue."""
+
+
+# -- the installed catalogue ------------------------------------------------------------------
+
+TASK_ENTRY_POINTS = "taskserver.tasks"
+"""The entry point group a package registers task types in; each entry point names a
+``TaskType`` or a sequence of them (``[project.entry-points."taskserver.tasks"]``)."""
+OWN_PACKAGE = "taskserver"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    tasks: tuple[TaskType, ...]
+    packages: dict[str, str] = field(default_factory=dict)
+    """Task name -> the distribution that registered it."""
+    problems: tuple[str, ...] = ()
+    """Registrations refused, each a sentence naming the package and what is wrong."""
+
+    def package_of(self, name: str) -> str:
+        return self.packages.get(name, OWN_PACKAGE)
+
+    def by_name(self) -> dict[str, TaskType]:
+        return {task.name: task for task in self.tasks}
+
+
+def _package(entry: EntryPoint) -> str:
+    dist = getattr(entry, "dist", None)
+    return dist.name if dist is not None else entry.value.split(".", 1)[0].split(":", 1)[0]
+
+
+def _registered(entry: EntryPoint) -> tuple[list[TaskType], str | None]:
+    """The task types one entry point names, or why it names none."""
+    try:
+        value = entry.load()
+    except Exception as exc:  # any error of the package's import is its problem, reported by name
+        return [], f"its entry point {entry.name} = {entry.value} does not import: {type(exc).__name__}: {exc}"
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    wrong = [v for v in values if not isinstance(v, TaskType)]
+    if wrong or not values:
+        return [], (f"its entry point {entry.name} = {entry.value} names {type(wrong[0] if wrong else value).__name__},"
+                    " not a TaskType or a sequence of them")
+    return values, None
+
+
+def _problem_of(task: TaskType, seen: dict[str, str]) -> str | None:
+    """What is wrong with one task type on its own, or beside the ones already registered."""
+    pools = {pool.name: pool for pool in POOLS}
+    if task.name in seen:
+        return f"task {task.name!r} is already registered by {seen[task.name]}"
+    if task.pool.name not in pools or pools[task.pool.name] != task.pool:
+        return (f"task {task.name!r} names pool {task.pool.name!r}, which is not one of the job-lane pools"
+                f" ({', '.join(pools)}); use CPU_POOL or GPU_POOL from taskserver.platform.tasks")
+    if task.default_lane not in LANES or (task.default_lane == WARM_LANE and not task.warm_capable):
+        return f"task {task.name!r} has default lane {task.default_lane!r}; lanes: {', '.join(LANES)} (warm needs warm_capable)"
+    return None
+
+
+def load_catalogue(entries: Iterable[EntryPoint] | None = None) -> Catalogue:
+    """Every task type the installed packages register, taskserver's own first.
+
+    A registration that does not import, names something else than task types, clashes with
+    a task already registered (or the diagnostic probe) or names an unknown pool is left out and
+    reported in ``problems``. A checkout used without being installed has no entry points: its
+    built-in tasks count as registered by taskserver.
+    """
+    found = list(entry_points(group=TASK_ENTRY_POINTS) if entries is None else entries)
+    found.sort(key=lambda e: (_package(e) != OWN_PACKAGE, _package(e), e.name))
+    if entries is None and not any(_package(e) == OWN_PACKAGE for e in found):
+        found.insert(0, EntryPoint("taskserver", f"{__name__}:BUILTIN_TASKS", TASK_ENTRY_POINTS))
+    seen: dict[str, str] = {task.name: "taskserver (a diagnostic task)" for task in DIAGNOSTIC_TASKS}
+    tasks: list[TaskType] = []
+    packages: dict[str, str] = {}
+    problems: list[str] = []
+    for entry in found:
+        package = _package(entry)
+        registered, problem = _registered(entry)
+        if problem:
+            problems.append(f"package {package!r}: {problem}")
+        for task in registered:
+            problem = _problem_of(task, seen)
+            if problem:
+                problems.append(f"package {package!r}: {problem}")
+                continue
+            seen[task.name] = f"package {package!r}"
+            tasks.append(task)
+            packages[task.name] = package
+    known = {task.name for task in tasks}
+    for task in list(tasks):
+        missing = [step for step in task.steps if step not in known]
+        if missing:
+            problems.append(f"package {packages[task.name]!r}: pipeline {task.name!r} runs unknown steps {missing}")
+            tasks.remove(task)
+    return Catalogue(tuple(tasks), packages, tuple(problems))
+
+
+@lru_cache(maxsize=1)
+def catalogue() -> Catalogue:
+    """The installed catalogue, loaded once per process."""
+    return load_catalogue()
+
+
+def __getattr__(name: str) -> Any:
+    # ``TASKS`` is the installed catalogue's tasks, loaded on first use: a package's task module
+    # imports this module (TaskType, the pools) while its entry point is being loaded.
+    if name == "TASKS":
+        return catalogue().tasks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def task_names() -> list[str]:
+    return [task.name for task in catalogue().tasks]
+
+
+def get_task(name: str) -> TaskType:
+    found = catalogue().by_name()
+    try:
+        return found[name]
+    except KeyError:
+        from taskserver.errors import ParameterError
+
+        raise ParameterError.not_in(f"task {name!r}", "unknown task", found) from None
