@@ -101,9 +101,31 @@ def prefect_harness(_harness_api_url):
         yield
 
 
+LONGEST_FIRST = (
+    "tests/integration/test_images.py", "tests/faults/test_load.py", "tests/faults/test_server_restart.py",
+    "tests/integration/test_warm_lane.py", "tests/integration/test_request_lane.py",
+    "tests/integration/test_priority.py", "tests/faults/test_lost_worker.py", "tests/integration/test_localstack.py",
+    "tests/faults/test_postgres_outage.py", "tests/faults/test_lost_warm_worker.py",
+    "tests/faults/test_preempted_training.py", "tests/unit/test_training.py",
+    "tests/integration/test_task_registration.py",
+)
+"""Modules that take minutes (the test command's --durations, 2026-12-01), handed out first: the
+two pytest-xdist processes take whole modules in collection order, and one of these started
+last would run alone at the end."""
+
+
 def pytest_collection_modifyitems(config, items):
     """In the full test command, nothing may skip: a skip there would hide a missing install step."""
     config._taskserver_strict_skips = os.environ.get("TASKSERVER_STRICT_SKIPS") == "1"
+    rank = {path: index for index, path in enumerate(LONGEST_FIRST)}
+    root = Path(str(config.rootpath))
+    order = {id(item): index for index, item in enumerate(items)}
+
+    def key(item):
+        relative = Path(str(item.path)).relative_to(root).as_posix() if str(item.path).startswith(str(root)) else ""
+        return (rank.get(relative, len(rank)), order[id(item)])
+
+    items.sort(key=key)
 
 
 @pytest.hookimpl(hookwrapper=True)

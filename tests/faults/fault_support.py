@@ -227,7 +227,7 @@ def heartbeats_received(ids: list[UUID]) -> set[UUID]:
                              resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}" for run_id in ids]))
         async with get_client() as client:
             response = await client._client.post(
-                "/events/filter", json={"filter": wanted.model_dump(mode="json"), "limit": 200}
+                "/events/filter", json={"filter": wanted.model_dump(mode="json"), "limit": 50}  # the API's most
             )
             response.raise_for_status()
             return {UUID(event["resource"]["prefect.resource.id"].rsplit(".", 1)[1])

@@ -167,7 +167,8 @@ def test_no_credential_appears_in_logs_artifacts_or_the_home(secured_stack):
               "--param", "seconds=0", "--wait", "--timeout", "180")
     outputs.append(ok.stdout + ok.stderr)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    failed = _cli(home, env, "submit", "encode", "-p", "high", "--param", "texts=[]", "--wait", "--timeout", "240")
+    # A blank text (an empty list would mean "not given": the deployment's sample file runs).
+    failed = _cli(home, env, "submit", "encode", "-p", "high", "--param", 'texts=["   "]', "--wait", "--timeout", "240")
     outputs.append(failed.stdout + failed.stderr)
     assert failed.returncode == 1 and "state:      Failed" in failed.stdout, failed.stdout + failed.stderr
     status = _cli(home, env, "status", failed.stdout.splitlines()[0].strip())
