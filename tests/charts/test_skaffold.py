@@ -36,8 +36,28 @@ def test_skaffold_builds_both_images_from_their_dockerfiles(config) -> None:
 def test_skaffold_deploys_the_chart_with_local_and_gpu_profiles(config) -> None:
     (release,) = config["deploy"]["helm"]["releases"]
     assert (REPO / release["chartPath"] / "Chart.yaml").exists()
-    assert {profile["name"] for profile in config["profiles"]} == {"local", "gpu"}
+    assert {profile["name"] for profile in config["profiles"]} == {"local", "gpu", "task-package"}
     for profile in config["profiles"]:
         for patch in profile["patches"]:
             for values_file in patch["value"] if patch["path"].endswith("valuesFiles") else []:
                 assert (REPO / values_file).exists(), values_file
+
+
+def test_the_task_package_profile_builds_the_example_from_the_cpu_image_and_deploys_it(config) -> None:
+    """The profile's patches, applied as skaffold applies JSON patches, give a third artifact built
+    FROM the cpu artifact, and the chart's cpu image is that artifact."""
+    import copy
+
+    import jsonpatch
+
+    (profile,) = [p for p in config["profiles"] if p["name"] == "task-package"]
+    patched = jsonpatch.apply_patch(copy.deepcopy(config), profile["patches"])
+    artifact = patched["build"]["artifacts"][-1]
+    assert artifact["image"] == "taskserver-cpu-keywords"
+    assert (REPO / artifact["context"] / artifact["docker"]["dockerfile"]).exists()
+    assert artifact["requires"] == [{"image": "taskserver-cpu", "alias": "BASE"}]
+    assert "ARG BASE_IMAGE" in (REPO / artifact["context"] / "Dockerfile").read_text()
+    values = patched["deploy"]["helm"]["releases"][0]["setValueTemplates"]
+    assert values["images.cpu.repository"] == "{{.IMAGE_REPO_taskserver_cpu_keywords}}"
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA.read_text()))
+    assert not list(validator.iter_errors(patched))
