@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from server_context import use_server  # noqa: E402
 from platform_support import (  # noqa: E402
-    PrefectServer, WorkerProcess, _delete_unfinished_runs, free_port, run,
+    PrefectServer, WorkerProcess, _delete_unfinished_runs, free_port, local_postgres, run,
 )
 
 
@@ -83,20 +83,10 @@ def records(tmp_path) -> Path:
 
 @pytest.fixture
 def postgres_cluster():
-    """A throwaway PostgreSQL on a loopback port: the local stack's own embedded server
-    (``taskserver.platform.local_postgres``), so the tests need no Debian package. A test may
-    stop and start it (``.stop()`` / ``.start()``: the outage faults)."""
-    from taskserver.platform.local_postgres import LocalPostgres
-
-    # Outside pytest's tmp tree: its paths can pass the 107-byte socket-name limit.
-    base = Path(tempfile.mkdtemp(prefix="taskserver-pg-"))
-    cluster = LocalPostgres(base / "data", port=free_port())
-    cluster.start()
-    try:
+    """``local_postgres()`` for one test. A test may stop and start it (``.stop()`` /
+    ``.start()``: the outage faults)."""
+    with local_postgres() as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import asyncio
 import glob
 import json
 import os
+import tempfile
+import shutil
 import signal
 import socket
 import subprocess
@@ -196,3 +200,20 @@ async def scheduled_labels(deployment_name: str) -> list[str]:
             sort=FlowRunSort.ID_DESC, limit=200, offset=0,
         )
         return [r.parameters["label"] for r in runs]
+
+
+@contextmanager
+def local_postgres():
+    """A throwaway PostgreSQL on a loopback port: the local stack's own embedded server
+    (``taskserver.platform.local_postgres``), so the tests need no Debian package."""
+    from taskserver.platform.local_postgres import LocalPostgres
+
+    # Outside pytest's tmp tree: its paths can pass the 107-byte socket-name limit.
+    base = Path(tempfile.mkdtemp(prefix="taskserver-pg-"))
+    cluster = LocalPostgres(base / "data", port=free_port())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from platform_support import BIN, base_env, free_port
+from platform_support import BIN, base_env, free_port, local_postgres
 
 AUTH = "taskadmin:AuthSecret789xyz"
 DB_PASSWORD = "PgSecret123xyz"
@@ -78,20 +78,9 @@ def _own_non_loopback_ipv4() -> list[str]:
 
 @pytest.fixture(scope="module")
 def module_postgres():
-    """One throwaway PostgreSQL for the module's one stack (as ``postgres_cluster``, at module scope)."""
-    import shutil
-    import tempfile
-
-    from taskserver.platform.local_postgres import LocalPostgres
-
-    base = Path(tempfile.mkdtemp(prefix="taskserver-pg-"))
-    cluster = LocalPostgres(base / "data", port=free_port())
-    cluster.start()
-    try:
+    """One throwaway PostgreSQL for the module's one stack."""
+    with local_postgres() as cluster:
         yield cluster.url
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
