@@ -7,6 +7,9 @@ export PATH="$PWD/.tools/bin:$PATH"
 export DO_NOT_TRACK=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # The test command installs every tool, so a skip would hide a broken install: make it fail.
 export TASKSERVER_STRICT_SKIPS=1
+# In-process temporary servers (`taskserver run`, the flow tests' harness) get 2 minutes to come
+# up, not 20 s: beside an image build on 2 cores one took longer (2026-12-01).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 # Two processes, whole files each (module fixtures stay shared): most of a test's time is waiting
 # on servers, workers and heartbeats. TASKSERVER_TEST_PROCESSES=0 runs everything in this one.
 .venv/bin/python -m pytest -ra -p no:cacheprovider --durations=40 \
