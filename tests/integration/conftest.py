@@ -6,8 +6,6 @@ Everything here is a subprocess on 127.0.0.1 started by the fixture and stopped 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import subprocess
 from pathlib import Path
 

@@ -35,24 +35,26 @@ def is_module_entrypoint(entrypoint: str) -> bool:
     return ":" not in entrypoint
 
 
+def resolved_entrypoint(task: TaskType, directory: Path) -> str:
+    """The entrypoint as Prefect loads it: a module path as is, a file path under ``directory``."""
+    if is_module_entrypoint(task.entrypoint):
+        return task.entrypoint
+    path, _, func = task.entrypoint.rpartition(":")
+    return f"{directory / path}:{func}"
+
+
 def load_flow(task: TaskType, directory: Path) -> Any:
     """The task's flow object: imported from its package, or run from its file under ``directory``."""
     from prefect.flows import load_flow_from_entrypoint
 
-    if is_module_entrypoint(task.entrypoint):
-        return load_flow_from_entrypoint(task.entrypoint, use_placeholder_flow=False)
-    path, _, func = task.entrypoint.rpartition(":")
-    return load_flow_from_entrypoint(f"{directory / path}:{func}", use_placeholder_flow=False)
+    return load_flow_from_entrypoint(resolved_entrypoint(task, directory), use_placeholder_flow=False)
 
 
 def parameter_schema(task: TaskType, directory: Path) -> dict[str, Any]:
     """The flow's parameter schema, read from its source as the bootstrap deploys it."""
     from prefect.utilities.callables import parameter_schema_from_entrypoint
 
-    if is_module_entrypoint(task.entrypoint):
-        return parameter_schema_from_entrypoint(task.entrypoint).model_dump_for_openapi()
-    path, _, func = task.entrypoint.rpartition(":")
-    return parameter_schema_from_entrypoint(f"{directory / path}:{func}").model_dump_for_openapi()
+    return parameter_schema_from_entrypoint(resolved_entrypoint(task, directory)).model_dump_for_openapi()
 
 
 def _warm_import_problem(task: TaskType) -> str | None:
@@ -69,7 +71,7 @@ def _warm_import_problem(task: TaskType) -> str | None:
     return None
 
 
-def _task_problems(task: TaskType, directory: Path, report: Verification) -> list[str]:
+def _task_problems(task: TaskType, directory: Path, warnings: list[str]) -> list[str]:
     try:
         flow = load_flow(task, directory)
     except Exception as exc:
@@ -87,7 +89,7 @@ def _task_problems(task: TaskType, directory: Path, report: Verification) -> lis
         problems.append(f"task {task.name!r}: data parameters {unknown} are not parameters of its flow")
     for parameter, schema in properties.items():
         if not schema.get("description"):
-            report.warnings.append(f"task {task.name!r}: parameter {parameter!r} has no description (document it"
+            warnings.append(f"task {task.name!r}: parameter {parameter!r} has no description (document it"
                                    " under Args: in the flow's docstring; the UI form shows a bare field)")
     if task.warm_capable and is_module_entrypoint(task.entrypoint):
         problem = _warm_import_problem(task)
@@ -103,6 +105,7 @@ def verify(found: Catalogue, directory: Path) -> Verification:
         package = found.package_of(task.name)
         if package == OWN_PACKAGE:
             continue
-        report.problems += [f"package {package!r}: {p}" for p in _task_problems(task, directory, report)]
-        report.warnings = [w if w.startswith("package ") else f"package {package!r}: {w}" for w in report.warnings]
+        warnings: list[str] = []
+        report.problems += [f"package {package!r}: {p}" for p in _task_problems(task, directory, warnings)]
+        report.warnings += [f"package {package!r}: {w}" for w in warnings]
     return report

@@ -15,7 +15,7 @@ to start with any: ``platform.registration``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Iterable
 
@@ -144,8 +144,12 @@ class Catalogue:
     def package_of(self, name: str) -> str:
         return self.packages.get(name, OWN_PACKAGE)
 
-    def by_name(self) -> dict[str, TaskType]:
+    @cached_property
+    def _index(self) -> dict[str, TaskType]:
         return {task.name: task for task in self.tasks}
+
+    def by_name(self) -> dict[str, TaskType]:
+        return self._index
 
 
 def _package(entry: EntryPoint) -> str:
