@@ -12,8 +12,10 @@ export TASKSERVER_STRICT_SKIPS=1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 # Two processes, whole files each (module fixtures stay shared): most of a test's time is waiting
 # on servers, workers and heartbeats. TASKSERVER_TEST_PROCESSES=0 runs everything in this one.
+# --no-loadscope-reorder: files go out in collection order (tests/conftest.py puts the longest
+# first), not xdist's default of most tests first, which left a 10-minute file for the end.
 .venv/bin/python -m pytest -ra -p no:cacheprovider --durations=40 \
-  -n "${TASKSERVER_TEST_PROCESSES:-2}" --dist loadfile "$@"
+  -n "${TASKSERVER_TEST_PROCESSES:-2}" --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests (exit 5)"

@@ -102,16 +102,18 @@ def prefect_harness(_harness_api_url):
 
 
 LONGEST_FIRST = (
-    "tests/integration/test_images.py", "tests/faults/test_load.py", "tests/faults/test_server_restart.py",
-    "tests/integration/test_warm_lane.py", "tests/integration/test_request_lane.py",
-    "tests/integration/test_priority.py", "tests/faults/test_lost_worker.py", "tests/integration/test_localstack.py",
-    "tests/faults/test_postgres_outage.py", "tests/faults/test_lost_warm_worker.py",
-    "tests/faults/test_preempted_training.py", "tests/unit/test_training.py",
-    "tests/integration/test_task_registration.py",
+    "tests/integration/test_warm_lane.py", "tests/integration/test_images.py", "tests/faults/test_server_restart.py",
+    "tests/faults/test_lost_worker.py", "tests/faults/test_load.py", "tests/integration/test_request_lane.py",
+    "tests/integration/test_priority.py", "tests/faults/test_lost_warm_worker.py",
+    "tests/integration/test_localstack.py", "tests/faults/test_preempted_training.py",
+    "tests/integration/test_prefect_yaml.py", "tests/integration/test_shared_data.py",
+    "tests/faults/test_postgres_outage.py", "tests/integration/test_task_registration.py",
+    "tests/integration/test_security.py", "tests/integration/test_ui_in_browser.py", "tests/unit/test_training.py",
 )
-"""Modules that take minutes (the test command's --durations, 2026-12-01), handed out first: the
-two pytest-xdist processes take whole modules in collection order, and one of these started
-last would run alone at the end."""
+"""Modules that take minutes, longest first (per-file sums of the test command's --durations,
+CI 2026-12-01), handed out first: the two pytest-xdist processes take whole modules in
+collection order (``--no-loadscope-reorder``), and one of these started last would run alone
+at the end."""
 
 
 def pytest_collection_modifyitems(config, items):

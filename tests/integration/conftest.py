@@ -23,7 +23,8 @@ from platform_support import (  # noqa: E402
 
 @pytest.fixture(scope="session")
 def platform_server(tmp_path_factory):
-    """A real server on SQLite, with the platform bootstrapped (process pools, probe deployed)."""
+    """A real server on the stack's embedded PostgreSQL, with the platform bootstrapped (process
+    pools, probe deployed)."""
     yield from serve_platform(tmp_path_factory)
 
 
@@ -37,16 +38,20 @@ def prefect_server(platform_server):
 def serve_platform(tmp_path_factory):
     """The body of ``platform_server``, for suites that want it at another scope (tests/faults)."""
     home = tmp_path_factory.mktemp("prefect-server")
-    server = PrefectServer(home, f"sqlite+aiosqlite:///{home / 'prefect.db'}").start()
-    try:
-        with use_server(server.api_url):
-            from taskserver.platform.bootstrap import bootstrap
-            from taskserver.platform.tasks import DIAGNOSTIC_TASKS
+    # PostgreSQL, as `taskserver up` and the chart run it: on SQLite the warm lane's 0.25 s polls
+    # beside a burst of runs made the server answer "database is locked" and 503, and a warm run
+    # whose engine lost its API calls ended Crashed (CI, 2026-12-01).
+    with local_postgres() as cluster:
+        server = PrefectServer(home, cluster.url).start()
+        try:
+            with use_server(server.api_url):
+                from taskserver.platform.bootstrap import bootstrap
+                from taskserver.platform.tasks import DIAGNOSTIC_TASKS
 
-            bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
-        yield server
-    finally:
-        server.stop()
+                bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """What a person sees in the Prefect UI: headless Chromium against a running `taskserver up` stack.
 
-Every assertion reads the DOM the UI rendered (``chromium --dump-dom``); screenshots of the pages
-are kept under ``build/test-artifacts/ui`` (or ``$TASKSERVER_TEST_ARTIFACTS/ui``).
+Every assertion reads the DOM the UI rendered (``chromium --dump-dom``), and the runs a person
+starts are started from the custom-run form itself (Playwright driving the same Chromium: it types
+into the fields and clicks Submit). Screenshots of the pages are kept under ``build/test-artifacts/ui`` (or ``$TASKSERVER_TEST_ARTIFACTS/ui``).
 """
 
 from __future__ import annotations
@@ -9,16 +10,19 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
-from platform_support import BIN, base_env, free_port
+from platform_support import BIN, base_env, free_port, wait_until
 from taskserver.platform.deployments import deployment_specs
+from taskserver.platform.submission import FINAL_STATE_TYPES
 from taskserver.platform.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,15 +161,78 @@ def _artifacts(base: str, flow_run_id: str) -> dict[str, dict]:
     return {artifact["key"]: artifact for artifact in found if artifact.get("key")}
 
 
-def test_a_person_trains_on_the_shipped_tickets_and_sees_the_curve(stack):
-    home, base = stack
-    # What the form sends when a person only shortens the run: data_path stays the shipped tickets.
-    submitted = _cli(home, "submit", "train", "-p", "high", "--param", "epochs=2", "--param", "max_length=16",
-                     "--param", "batch_size=32", "--param", "checkpoint_every=100", "--wait", "--timeout", "500")
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    run_id = submitted.stdout.splitlines()[0].strip()
-    summary = _artifacts(base, run_id)["train-summary"]
-    assert f"`outputs/models/{run_id}/model`" in summary["data"]  # relative to the data dir, not a full path
+def _flow_run(base: str, flow_run_id: str) -> dict:
+    with urllib.request.urlopen(f"{base}/api/flow_runs/{flow_run_id}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait_final(base: str, flow_run_id: str, timeout: float) -> dict:
+    def final():
+        found = _flow_run(base, flow_run_id)
+        return found if found["state"] and found["state"]["type"] in FINAL_STATE_TYPES else None
+
+    return wait_until(final, timeout, f"flow run {flow_run_id} to finish", interval=1.0)
+
+
+def _submit_from_the_form(base: str, full_name: str, fill: Callable, screenshot: str) -> dict:
+    """Open the deployment's custom-run form in Chromium, let ``fill(form)`` type into it as a person
+    would, click Submit and return the flow run the UI created (from the API call it made)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 2000})
+            page.goto(f"{base}/deployments/deployment/{_deployment_id(base, full_name)}/run")
+            page.locator(".schema-form-property__label").first.wait_for(timeout=60_000)
+            fill(_Form(page))
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / screenshot), full_page=True)
+            with page.expect_response(lambda r: r.url.endswith("/create_flow_run")
+                                      and r.request.method == "POST", timeout=60_000) as created:
+                page.get_by_role("button", name="Submit", exact=True).click()
+            assert created.value.status == 201, created.value.text()
+            return created.value.json()
+        finally:
+            browser.close()
+
+
+class _Form:
+    """A custom-run form's parameters, found by their labels as a person finds them."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+
+    def _property(self, name: str):
+        label = self.page.locator(".schema-form-property__label").filter(
+            has_text=re.compile(rf"^\s*{re.escape(name)}(\s*\(Optional\))?\s*$"))
+        found = self.page.locator(".schema-form-property").filter(has=label)
+        assert found.count() >= 1, f"the form has no parameter labelled {name!r}"
+        return found.last  # the innermost property that carries this label
+
+    def add_item(self, name: str, text: str) -> None:
+        prop = self._property(name)
+        prop.get_by_role("button", name="Add item").click()
+        prop.locator("textarea, input[type=text]").last.fill(text)
+
+    def type(self, name: str, text: str) -> None:
+        self._property(name).locator("textarea, input").first.fill(text)
+
+
+def test_a_person_trains_on_the_shipped_tickets_from_the_form_and_sees_the_curve(stack):
+    _, base = stack
+
+    def shorten(form: _Form) -> None:  # data_path keeps the shipped tickets the form starts with
+        for name, value in {"epochs": "2", "max_length": "16", "batch_size": "32", "checkpoint_every": "100"}.items():
+            form.type(name, value)
+
+    created = _submit_from_the_form(base, "train/high", shorten, "form-train-filled.png")
+    assert created["parameters"]["epochs"] == 2 and created["parameters"]["max_length"] == 16
+    assert str(created["parameters"]["data_path"]).startswith("samples:")
+    finished = _wait_final(base, created["id"], 500)
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    summary = _artifacts(base, created["id"])["train-summary"]
+    assert f"`outputs/models/{created['id']}/model`" in summary["data"]  # relative to the data dir
     dom = _browse(f"{base}/artifacts/artifact/{summary['id']}", "train-summary.png")
     marker = 'src="data:image/png;base64,'
     assert marker in dom, "the training curve is not an image on the artifact page"
@@ -173,19 +240,29 @@ def test_a_person_trains_on_the_shipped_tickets_and_sees_the_curve(stack):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
 
-def test_a_person_encodes_a_typed_text_and_a_bad_run_ends_with_one_readable_line(stack):
-    home, base = stack
-    typed = _cli(home, "submit", "encode", "-p", "high", "--param", 'texts=["my invoice is wrong"]',
-                 "--wait", "--timeout", "300")
-    assert typed.returncode == 0, typed.stdout + typed.stderr
-    summary = _artifacts(base, typed.stdout.splitlines()[0].strip())["encode-summary"]["data"]
+def test_a_person_encodes_a_typed_text_from_the_form_and_a_bad_run_ends_with_one_readable_line(stack):
+    _, base = stack
+    created = _submit_from_the_form(base, "encode/high", lambda form: form.add_item("texts", "my invoice is wrong"),
+                                    "form-encode-filled.png")
+    assert created["parameters"]["texts"] == ["my invoice is wrong"]
+    finished = _wait_final(base, created["id"], 300)
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    summary = _artifacts(base, created["id"])["encode-summary"]["data"]
     assert "| texts in | 1 |" in summary  # the typed text, not the deployment's sample file
 
-    both = _cli(home, "submit", "encode", "-p", "high", "--param", 'texts=["a"]', "--param",
-                "input_path=elsewhere.jsonl", "--wait", "--timeout", "300")
-    assert both.returncode != 0
-    run_id = both.stdout.splitlines()[0].strip()
-    logs = _api(base, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC"})
+    def both(form: _Form) -> None:
+        form.add_item("texts", "a")
+        form.type("input_path", "elsewhere.jsonl")
+
+    bad = _submit_from_the_form(base, "encode/high", both, "form-encode-bad.png")
+    finished = _wait_final(base, bad["id"], 300)
+    assert finished["state"]["type"] == "FAILED", finished["state"]
+    def error_logs():  # the run's logs reach the server a moment after its final state
+        logs = _api(base, "logs/filter", {"logs": {"flow_run_id": {"any_": [bad["id"]]}}, "sort": "TIMESTAMP_ASC"})
+        return logs if any(log["level"] >= 40 for log in logs) else None
+
+    logs = wait_until(error_logs, 60, "the failed run's error log")
     last = [log["message"] for log in logs if log["level"] >= 40][-1]
     assert last.startswith("encode did not finish: texts/input_path: both texts and input_path are given")
     assert "\n" not in last and "Traceback" in "".join(log["message"] for log in logs)
+    assert "both texts and input_path" in (finished["state"]["message"] or ""), finished["state"]

@@ -75,6 +75,12 @@ def _wait_final(ids: list[str], timeout: float) -> dict[str, object]:
     return wait_until(done, timeout, f"{len(ids)} warm runs to finish", interval=1.0)
 
 
+def _not_completed(states: dict[str, object]) -> list[str]:
+    """Each run that did not complete, with its state's message: what a failing test prints."""
+    return [f"{s.name}: {s.state.type.value}: {s.state.message}"
+            for s in states.values() if s.state.type.value != "COMPLETED"]
+
+
 def _result(flow_run) -> dict:
     from prefect.states import get_state_result
 
@@ -134,7 +140,7 @@ def test_a_crashing_run_takes_only_its_interpreter_and_is_marked_crashed(warm, r
     # The worker kept serving: same process, replacement interpreters, later runs complete.
     assert warm.process.poll() is None
     after = run(_create_many([("probe/high-warm", probe_params(f"after-{i}", records, 0)) for i in range(4)]))
-    assert {s.state.type.value for s in _wait_final(after, 300).values()} == {"COMPLETED"}
+    assert not _not_completed(_wait_final(after, 300))
     assert warm.process.poll() is None
     assert len(_interpreter_pids(warm)) == 2
 
@@ -166,7 +172,7 @@ def test_memory_stays_bounded_over_60_runs(start_worker, records, tmp_path):
             break
         time.sleep(0.2)
     states = _wait_final(ids, 120)
-    assert [s.state.type.value for s in states.values()].count("COMPLETED") == MEMORY_RUNS
+    assert len(states) == MEMORY_RUNS and not _not_completed(states)
     starts = read_starts(records)
     assert sorted(starts) == sorted(f"m{i:03d}" for i in range(MEMORY_RUNS))
     assert all(len(v) == 1 for v in starts.values())
@@ -189,7 +195,7 @@ def test_priority_order_holds_under_saturation(start_worker, records):
     ids = run(_create_many(items))
     start_worker("warm", slots=2, env=WARM_ENV)
     states = _wait_final(ids, 400)
-    assert {s.state.type.value for s in states.values()} == {"COMPLETED"}
+    assert not _not_completed(states)
     started = {label: rows[0]["started"] for label, rows in read_starts(records).items()}
     level = lambda name: [t for label, t in started.items() if label.startswith(name)]  # noqa: E731
     assert max(level("critical")) < min(level("normal")), started
@@ -203,7 +209,7 @@ def test_priority_order_holds_under_saturation(start_worker, records):
     crits = run(_create_many([("probe/critical-warm", probe_params(f"critical-{i}", arrivals, 0.5))
                               for i in range(3)]))
     states = _wait_final(lows + crits, 300)
-    assert {s.state.type.value for s in states.values()} == {"COMPLETED"}
+    assert not _not_completed(states)
     started = {rows[0]["flow_run_id"]: rows[0]["started"] for rows in read_starts(arrivals).values()}
     picked = run(_pending_times(lows))
     # A low still waiting in its queue when a critical arrived starts after it. "Still waiting"
@@ -247,7 +253,7 @@ def test_results_are_identical_to_the_job_lane_and_the_model_stays_loaded(warm, 
     states = _wait_final(ids, 400)
     warm_1, warm_2, job = (states[i] for i in ids)
     assert (warm_1.work_pool_name, job.work_pool_name) == ("warm", "cpu")
-    assert {s.state.type.value for s in states.values()} == {"COMPLETED"}
+    assert not _not_completed(states)
 
     vectors = {name: np.load(data / f"{name}.npz") for name in ("warm-1", "warm-2", "job")}
     for name in ("warm-1", "warm-2"):
@@ -298,6 +304,6 @@ def test_two_warm_workers_share_the_queues_without_stalling(start_worker, record
     for _ in range(2):
         start_worker("warm", slots=2, env={"TASKSERVER_WARM_PRELOAD": "flows"})
     states = _wait_final(ids, 300)
-    assert {s.state.type.value for s in states.values()} == {"COMPLETED"}
+    assert not _not_completed(states)
     assert all(len(rows) == 1 for rows in read_starts(records).values())
     assert len(read_starts(records)) == len(items)
