@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from platform_support import BIN, REPO, PrefectServer, base_env, wait_until
+from platform_support import BIN, REPO, PrefectServer, base_env, local_postgres, wait_until
 
 EXAMPLE = REPO / "examples" / "taskserver-keywords"
 TEXTS = ["Queues order the runs by priority, and the workers take the highest priority first.",
@@ -33,11 +33,12 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(site, tmp_path_factory):
     home = tmp_path_factory.mktemp("registration-server")
-    started = PrefectServer(home, f"sqlite+aiosqlite:///{home / 'prefect.db'}").start()
-    try:
-        yield started
-    finally:
-        started.stop()
+    with local_postgres() as cluster:  # as the stack runs it (SQLite answers 503 under the warm lane's polls)
+        started = PrefectServer(home, cluster.url).start()
+        try:
+            yield started
+        finally:
+            started.stop()
 
 
 def _env(site, server=None, **extra) -> dict[str, str]:
@@ -99,7 +100,7 @@ def test_an_installed_task_runs_at_its_priorities_on_both_lanes_and_fails_bad_in
     storage = tmp_path / "results"
     worker_env = {"PYTHONPATH": str(site), "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
                   "PREFECT_LOCAL_STORAGE_PATH": str(storage)}
-    start_worker("warm", slots=1, api_url=server.api_url, env=worker_env)
+    warm = start_worker("warm", slots=1, api_url=server.api_url, env=worker_env)
     start_worker("cpu", slots=1, api_url=server.api_url, env=worker_env)
 
     texts = json.dumps(TEXTS)
@@ -112,6 +113,9 @@ def test_an_installed_task_runs_at_its_priorities_on_both_lanes_and_fails_bad_in
         runs[lane] = done.stdout.splitlines()[0].strip()
     for lane, run_id in runs.items():
         assert _result(server, run_id, storage) == _expected(top=4), lane
+    # The warm interpreter had imported the package's flow before its first run, beside the built-ins.
+    preloaded = [line for line in warm.log.read_text().splitlines() if "preloaded flows:" in line]
+    assert preloaded and "taskserver_keywords.flow" in preloaded[0] and "taskserver.flows.encode" in preloaded[0]
 
     # Through Prefect's own CLI too, by the deployment's name, validated by the server.
     prefect_env = _env(site, server)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from taskserver.platform.registration import verify
-from taskserver.platform.tasks import BUILTIN_TASKS, TASK_ENTRY_POINTS, load_catalogue
+from taskserver.platform.tasks import BUILTIN_TASKS, CPU_POOL, TASK_ENTRY_POINTS, TaskType, load_catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_SRC = REPO / "examples" / "taskserver-keywords" / "src"
@@ -79,6 +79,14 @@ def test_the_example_package_registers_a_warm_capable_task_that_verifies_clean(m
     assert found.by_name()["extract-keywords"].lanes == ("warm", "job")
     report = verify(found, REPO)
     assert report.problems == [] and report.warnings == []
+
+
+def test_each_task_names_the_module_its_flow_lives_in_for_either_entrypoint_form():
+    modules = {t.name: t.module for t in BUILTIN_TASKS}
+    assert modules["encode"] == "taskserver.flows.encode"
+    assert modules["process-pdfs"] == "taskserver.flows.pdfs"
+    keywords = TaskType("extract-keywords", "taskserver_keywords.flow.extract_keywords", CPU_POOL, "d")
+    assert keywords.module == "taskserver_keywords.flow"
 
 
 def test_a_name_clash_is_refused_naming_both_packages(site):

@@ -58,7 +58,7 @@ def parameter_schema(task: TaskType, directory: Path) -> dict[str, Any]:
 
 
 def _warm_import_problem(task: TaskType) -> str | None:
-    module = task.entrypoint.rpartition(".")[0]
+    module = task.module
     try:
         done = subprocess.run([sys.executable, "-c", f"import {module}"], env=interpreter_env(),
                               capture_output=True, text=True, timeout=WARM_IMPORT_TIMEOUT_SECONDS)

@@ -90,6 +90,15 @@ class TaskType:
         return WARM_POOL if lane == WARM_LANE else self.pool
 
     @property
+    def module(self) -> str:
+        """The module that defines the flow: ``pkg.mod`` of ``pkg.mod.function``, or the module of
+        a ``src/`` file entrypoint (``src/taskserver/flows/encode.py:encode``: ``taskserver.flows.encode``)."""
+        if ":" not in self.entrypoint:
+            return self.entrypoint.rpartition(".")[0]
+        path = self.entrypoint.partition(":")[0].removesuffix(".py").removeprefix("src/")
+        return path.replace("/", ".")
+
+    @property
     def lanes(self) -> tuple[str, ...]:
         """The task's lanes, default first."""
         if not self.warm_capable:

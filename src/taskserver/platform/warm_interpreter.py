@@ -63,10 +63,31 @@ def preload(names: list[str]) -> None:
 
         documents.prepare_unstructured()
     if "flows" in names:
-        import taskserver.flows.encode  # noqa: F401
-        import taskserver.flows.infer  # noqa: F401
-        import taskserver.flows.pdfs  # noqa: F401
-        import taskserver.flows.probe  # noqa: F401
+        preload_flows()
+
+
+def preload_flows() -> list[str]:
+    """Import the flow module of every warm-capable task in the installed catalogue (taskserver's
+    and every registered package's) and the diagnostic probe; return the modules imported.
+
+    A module that fails here is reported and skipped: its runs then fail on their own, with the
+    import error in their logs, while every other task's runs stay warm. The bootstrap refuses a
+    package whose warm-capable module does not import in this environment, so this is rare.
+    """
+    import importlib
+
+    from taskserver.platform.tasks import DIAGNOSTIC_TASKS, catalogue
+
+    loaded = []
+    for module in dict.fromkeys(t.module for t in (*catalogue().tasks, *DIAGNOSTIC_TASKS) if t.warm_capable):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - one broken package must not take the lane down
+            print(f"warm interpreter: could not preload {module}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        loaded.append(module)
+    print(f"warm interpreter: preloaded flows: {', '.join(loaded)}", file=sys.stderr)
+    return loaded
 
 
 @contextmanager
