@@ -5,7 +5,9 @@ checkpoints, one validation pass, artifacts and the final save included) against
 loop (same model, data, batch size, optimizer and schedule; no checkpoints, validation or save).
 infer: the ``infer`` flow on inline texts (model already cached, artifacts included) against a bare
 forward pass over the same texts. Target: flow >= 0.95x bare.
-Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_train.py [--quick]``.
+Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_train.py [--quick] [--steps N --texts N]``; on a GPU,
+``benchmarks/gpu_check.sh`` runs it with bf16 (``ACCELERATE_MIXED_PRECISION``, which the flow's and
+the bare loop's ``Accelerator()`` both read).
 
 Measured 2026-11-23 with --quick on 2 CPU cores shared with other heavy jobs (load 6-9), so the
 ratios are noise, not overhead: train 30 steps bare 398 s vs flow 279 s (1.43x); infer 500 texts
@@ -99,6 +101,7 @@ def bare_infer(model_dir: str, texts: list[str], batch_size: int) -> float:
         for start in range(0, len(texts), batch_size):
             enc = classifier.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
                                        max_length=classifier.info.max_length, return_tensors="pt")
+            enc = {key: value.to(classifier.device) for key, value in enc.items()}
             torch.softmax(classifier.model(enc["input_ids"], enc["attention_mask"]), dim=-1).tolist()
     return time.perf_counter() - started
 
@@ -109,9 +112,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 300, 30 with --quick)")
+    parser.add_argument("--texts", type=int, default=None, help="texts to infer (default 3000, 500 with --quick)")
+    parser.add_argument("--infer-batch-size", type=int, default=64)
     args = parser.parse_args()
-    steps = 30 if args.quick else 300
-    n_texts = 500 if args.quick else 3000
+    steps = args.steps or (30 if args.quick else 300)
+    n_texts = args.texts or (500 if args.quick else 3000)
 
     import torch
     from prefect.testing.utilities import prefect_test_harness
@@ -141,23 +147,30 @@ def main() -> None:
                         checkpoint_every=args.checkpoint_every, max_steps=steps)
         flow_seconds = time.perf_counter() - started
         assert summary["steps"] == steps, summary
-        print(f"train, {steps} steps, batch {args.batch_size}, max_length {args.max_length}:")
-        print(f"  bare accelerate loop: {bare_seconds:7.2f}s  {steps / bare_seconds:6.2f} steps/s")
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        samples = steps * args.batch_size
+        print(f"train, {steps} steps, batch {args.batch_size}, max_length {args.max_length}, on {device},"
+              f" mixed precision {precision}:")
+        print(f"  bare accelerate loop: {bare_seconds:7.2f}s  {steps / bare_seconds:6.2f} steps/s"
+              f"  {samples / bare_seconds:8.1f} samples/s")
         print(f"  train flow:           {flow_seconds:7.2f}s  {steps / flow_seconds:6.2f} steps/s"
-              f"  (val accuracy {summary['val_accuracy']:.3f})")
+              f"  {samples / flow_seconds:8.1f} samples/s  (val accuracy {summary['val_accuracy']:.3f})")
         print(f"  ratio flow/bare throughput: {bare_seconds / flow_seconds:.3f}x (target >= 0.95x)")
 
         model_dir = summary["model_dir"]
-        infer(model_dir=model_dir, texts=texts[:16], batch_size=64)  # load and cache the model once
-        bare = bare_infer(model_dir, texts, 64)
+        infer(model_dir=model_dir, texts=texts[:16], batch_size=args.infer_batch_size)  # load and cache the model once
+        bare = bare_infer(model_dir, texts, args.infer_batch_size)
         started = time.perf_counter()
-        result = infer(model_dir=model_dir, texts=texts, batch_size=64)
+        result = infer(model_dir=model_dir, texts=texts, batch_size=args.infer_batch_size)
         flow = time.perf_counter() - started
         assert result["count"] == len(texts)
-        print(f"infer, {len(texts)} texts, batch 64 (model warm in both):")
+        print(f"infer, {len(texts)} texts, batch {args.infer_batch_size} (model warm in both):")
         print(f"  bare forward: {bare:7.2f}s  {len(texts) / bare:7.1f} texts/s")
         print(f"  infer flow:   {flow:7.2f}s  {len(texts) / flow:7.1f} texts/s")
         print(f"  ratio flow/bare throughput: {bare / flow:.3f}x (target >= 0.95x)")
+        if torch.cuda.is_available():
+            print(f"  GPU memory, most allocated by this process: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

