@@ -331,8 +331,8 @@ def _parse(items: list[str]) -> dict[str, Any]:
 def load_catalogue_flow(name: str):
     """The flow object of a catalogue task (or the probe), loaded from its entrypoint."""
     from taskserver.platform.deployments import code_dir
-    from taskserver.platform.registration import is_module_entrypoint, load_flow
-    from taskserver.platform.tasks import DIAGNOSTIC_TASKS, get_task
+    from taskserver.platform.registration import load_flow
+    from taskserver.platform.tasks import DIAGNOSTIC_TASKS, get_task, is_module_entrypoint
 
     diagnostic = {t.name: t for t in DIAGNOSTIC_TASKS}
     task = diagnostic.get(name) or get_task(name)

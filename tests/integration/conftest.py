@@ -6,7 +6,6 @@ Everything here is a subprocess on 127.0.0.1 started by the fixture and stopped 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from server_context import use_server  # noqa: E402
 from platform_support import (  # noqa: E402
-    PrefectServer, WorkerProcess, _delete_unfinished_runs, free_port, local_postgres, run,
+    WorkerProcess, _delete_unfinished_runs, local_postgres, prefect_server_on_postgres, run,
 )
 
 
@@ -38,20 +37,16 @@ def prefect_server(platform_server):
 def serve_platform(tmp_path_factory):
     """The body of ``platform_server``, for suites that want it at another scope (tests/faults)."""
     home = tmp_path_factory.mktemp("prefect-server")
-    # PostgreSQL, as `taskserver up` and the chart run it: on SQLite the warm lane's 0.25 s polls
-    # beside a burst of runs made the server answer "database is locked" and 503, and a warm run
-    # whose engine lost its API calls ended Crashed (CI, 2026-12-01).
-    with local_postgres() as cluster:
-        server = PrefectServer(home, cluster.url).start()
-        try:
-            with use_server(server.api_url):
-                from taskserver.platform.bootstrap import bootstrap
-                from taskserver.platform.tasks import DIAGNOSTIC_TASKS
+    # PostgreSQL: on SQLite the warm lane's 0.25 s polls beside a burst of runs made the server
+    # answer "database is locked" and 503, and the warm worker crashed runs it could not label
+    # (CI, 2026-12-01).
+    with prefect_server_on_postgres(home) as server:
+        with use_server(server.api_url):
+            from taskserver.platform.bootstrap import bootstrap
+            from taskserver.platform.tasks import DIAGNOSTIC_TASKS
 
-                bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
-            yield server
-        finally:
-            server.stop()
+            bootstrap(extra_tasks=DIAGNOSTIC_TASKS)
+        yield server
 
 
 @pytest.fixture

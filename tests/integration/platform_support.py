@@ -217,3 +217,15 @@ def local_postgres():
     finally:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def prefect_server_on_postgres(home: Path):
+    """A Prefect server on its own throwaway PostgreSQL, as `taskserver up` and the chart run it
+    (on SQLite the warm lane's fast polls beside a busy suite made the server answer 503)."""
+    with local_postgres() as cluster:
+        server = PrefectServer(home, cluster.url).start()
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from platform_support import BIN, REPO, PrefectServer, base_env, local_postgres, wait_until
+from platform_support import BIN, REPO, base_env, prefect_server_on_postgres, wait_until
 
 EXAMPLE = REPO / "examples" / "taskserver-keywords"
 TEXTS = ["Queues order the runs by priority, and the workers take the highest priority first.",
@@ -33,12 +33,8 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(site, tmp_path_factory):
     home = tmp_path_factory.mktemp("registration-server")
-    with local_postgres() as cluster:  # as the stack runs it (SQLite answers 503 under the warm lane's polls)
-        started = PrefectServer(home, cluster.url).start()
-        try:
-            yield started
-        finally:
-            started.stop()
+    with prefect_server_on_postgres(home) as started:
+        yield started
 
 
 def _env(site, server=None, **extra) -> dict[str, str]:

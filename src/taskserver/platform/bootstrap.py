@@ -42,8 +42,8 @@ from taskserver.platform.deployments import (
 )
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, read_queues
-from taskserver.platform.registration import is_module_entrypoint, parameter_schema, verify
-from taskserver.platform.tasks import ALL_POOLS, PROCESS_WORKER_TYPE, Pool, TaskType, catalogue
+from taskserver.platform.registration import parameter_schema, verify
+from taskserver.platform.tasks import ALL_POOLS, PROCESS_WORKER_TYPE, Pool, TaskType, catalogue, is_module_entrypoint
 
 DEFAULT_QUEUE = "default"
 DEFAULT_QUEUE_PRIORITY = UNKNOWN_QUEUE_PRIORITY

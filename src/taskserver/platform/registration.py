@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskserver.platform.tasks import OWN_PACKAGE, Catalogue, TaskType
+from taskserver.platform.tasks import OWN_PACKAGE, Catalogue, TaskType, is_module_entrypoint
 from taskserver.platform.warm import interpreter_env
 
 WARM_IMPORT_TIMEOUT_SECONDS = 120
@@ -28,11 +28,6 @@ WARM_IMPORT_TIMEOUT_SECONDS = 120
 class Verification:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def is_module_entrypoint(entrypoint: str) -> bool:
-    """``package.module.flow_function`` (an installed package) rather than ``path/file.py:function``."""
-    return ":" not in entrypoint
 
 
 def resolved_entrypoint(task: TaskType, directory: Path) -> str:

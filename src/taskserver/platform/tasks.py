@@ -63,6 +63,11 @@ WARM_POOL = Pool(
 ALL_POOLS: tuple[Pool, ...] = (*POOLS, WARM_POOL)
 
 
+def is_module_entrypoint(entrypoint: str) -> bool:
+    """``package.module.flow_function`` (an installed package) rather than ``path/file.py:function``."""
+    return ":" not in entrypoint
+
+
 @dataclass(frozen=True)
 class TaskType:
     name: str
@@ -93,7 +98,7 @@ class TaskType:
     def module(self) -> str:
         """The module that defines the flow: ``pkg.mod`` of ``pkg.mod.function``, or the module of
         a ``src/`` file entrypoint (``src/taskserver/flows/encode.py:encode``: ``taskserver.flows.encode``)."""
-        if ":" not in self.entrypoint:
+        if is_module_entrypoint(self.entrypoint):
             return self.entrypoint.rpartition(".")[0]
         path = self.entrypoint.partition(":")[0].removesuffix(".py").removeprefix("src/")
         return path.replace("/", ".")
