@@ -111,12 +111,11 @@ def _track_experiments_locally() -> None:
     """The local stack's workers log training runs to an MLflow file store under the home, when
     the mlflow extra is installed and no tracking URI is set (they inherit this environment)."""
     from taskserver import tracking
-    from taskserver.settings import get_settings, reload_settings
+    from taskserver.settings import env_name, get_settings
 
     if tracking.available() and not get_settings().mlflow_tracking_uri:
         store = get_settings().home.expanduser().resolve() / "mlruns"
-        os.environ["TASKSERVER_MLFLOW_TRACKING_URI"] = store.as_uri()
-        reload_settings()
+        os.environ[env_name("mlflow_tracking_uri")] = store.as_uri()
 
 
 @model_app.command("show")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -151,7 +152,31 @@ class Settings(BaseSettings):
         " (when a Prefect API is configured).",
     )
 
-    @field_validator("notify_completed", "warm_preload", mode="before")
+    pool_limits: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Concurrency limits per work pool that `taskserver bootstrap` sets, as NAME=N items"
+        " (comma-separated in the environment, e.g. cpu=4,gpu=1; none: unlimited). Unset pools keep"
+        " the catalogue's defaults.",
+    )
+    queue_limits: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Concurrency limits per priority queue that `taskserver bootstrap` sets, as"
+        " POOL/PRIORITY=N items (e.g. cpu/low=2; none: unlimited).",
+    )
+    k8s_job_options: str = Field(
+        default="",
+        description="JSON file with each pool's Kubernetes job options (image, resources, node"
+        " selector, tolerations), keyed by pool name; the chart mounts it from its workers values."
+        " Empty, or a pool missing from it: the built-in defaults.",
+    )
+    code_dir: str = Field(
+        default="",
+        description="Where the flows' entrypoints (src/taskserver/flows/...) resolve from when a"
+        " deployment's run starts. Empty: the checkout this package was installed from, else the"
+        " current directory.",
+    )
+
+    @field_validator("notify_completed", "warm_preload", "pool_limits", "queue_limits", mode="before")
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         # The environment gives "encode/high,train/low"; Python callers may pass a list.
@@ -171,12 +196,26 @@ def env_name(field: str) -> str:
     return f"{Settings.model_config['env_prefix']}{field.upper()}"
 
 
-@lru_cache(maxsize=1)
 def get_settings() -> Settings:
+    """The settings for the environment as it is now.
+
+    Parsed once per distinct set of ``TASKSERVER_*`` variables, so a change to the environment
+    (the CLI's options, a test's monkeypatch, a warm interpreter taking a run's variables) is seen
+    by the next call and never by a stale copy.
+    """
+    prefix = Settings.model_config["env_prefix"]
+    return _settings_for(tuple(sorted(
+        (name, value) for name, value in os.environ.items() if name.upper().startswith(prefix)
+    )))
+
+
+@lru_cache(maxsize=8)
+def _settings_for(environment: tuple[tuple[str, str], ...]) -> Settings:
+    # ``environment`` is the cache key only: Settings() reads the same variables itself.
     return Settings()
 
 
 def reload_settings() -> Settings:
-    """Re-read the environment (tests and the CLI change it at run time)."""
-    get_settings.cache_clear()
+    """Re-read the environment now (kept for callers that changed it; get_settings sees it too)."""
+    _settings_for.cache_clear()
     return get_settings()

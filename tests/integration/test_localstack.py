@@ -8,13 +8,15 @@ import signal
 import socket
 import subprocess
 
+import psutil
 import pytest
 
+from taskserver.platform.localstack import IDLE_SERVICE_LOOPS
 from platform_support import BIN, base_env, free_port
 
 
-def _cli(home, *args, timeout=240):
-    env = base_env(TASKSERVER_HOME=str(home))
+def _cli(home, *args, timeout=240, **extra_env):
+    env = base_env(TASKSERVER_HOME=str(home), **extra_env)
     env.pop("PREFECT_API_URL", None)
     return subprocess.run([str(BIN / "taskserver"), *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -25,8 +27,13 @@ def test_up_submit_down_up_keeps_state_and_refuses_conflicts(tmp_path):
     home = tmp_path / "home"
     port = free_port()
     try:
-        started = _cli(home, "up", "--port", str(port), "--with-probe")
+        started = _cli(home, "up", "--port", str(port), "--with-probe",
+                       PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="17")
         assert started.returncode == 0, started.stdout + started.stderr
+        # The server's slow idle loops, except where the environment already chose a value.
+        server_env = psutil.Process(json.loads((home / "run" / "server.pid").read_text())["pid"]).environ()
+        expected = dict(IDLE_SERVICE_LOOPS, PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS="17")
+        assert {name: server_env.get(name) for name in expected} == expected
         assert f"Prefect UI: http://127.0.0.1:{port}" in started.stdout
         # The default database: the embedded PostgreSQL, its data under the home.
         assert f"PostgreSQL started: data in {home / 'postgres'}" in started.stdout

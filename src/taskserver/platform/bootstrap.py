@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +43,7 @@ from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, read_queues
 from taskserver.platform.registration import parameter_schema, verify
 from taskserver.platform.tasks import ALL_POOLS, PROCESS_WORKER_TYPE, Pool, TaskType, catalogue, is_module_entrypoint
+from taskserver.settings import env_name, get_settings
 
 DEFAULT_QUEUE = "default"
 DEFAULT_QUEUE_PRIORITY = UNKNOWN_QUEUE_PRIORITY
@@ -53,8 +53,8 @@ DEFAULT_QUEUE_DESCRIPTION = (
     "empty and comes after every priority. To choose a priority, run the deployment named after it."
 )
 ZOMBIE_AUTOMATION = "taskserver: crash zombie flows"
-POOL_LIMITS_ENV = "TASKSERVER_POOL_LIMITS"
-QUEUE_LIMITS_ENV = "TASKSERVER_QUEUE_LIMITS"
+POOL_LIMITS_ENV = env_name("pool_limits")
+QUEUE_LIMITS_ENV = env_name("queue_limits")
 NOTIFY_BLOCK = "taskserver-notify"
 NOTIFY_FAILURE_AUTOMATION = "taskserver: notify on failure"
 NOTIFY_COMPLETION_AUTOMATION = "taskserver: notify on completion"
@@ -93,8 +93,8 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> "Limits":
-        split = lambda name: [i for i in os.environ.get(name, "").split(",") if i.strip()]  # noqa: E731
-        return cls.parse(split(POOL_LIMITS_ENV), split(QUEUE_LIMITS_ENV))
+        settings = get_settings()
+        return cls.parse(settings.pool_limits, settings.queue_limits)
 
 
 def _parse_items(items: list[str], allowed: set[str], what: str) -> dict[str, int | None]:
@@ -153,8 +153,6 @@ class Notifications:
     @classmethod
     def from_settings(cls, webhook_url: str | None = None, completed: list[str] | None = None) -> "Notifications":
         """The settings object's values; non-empty arguments (CLI flags) override them."""
-        from taskserver.settings import get_settings
-
         settings = get_settings()
         return cls(
             webhook_url=webhook_url or settings.notify_webhook_url.get_secret_value(),

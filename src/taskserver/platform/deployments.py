@@ -9,7 +9,6 @@ and in the priority's work queue. A warm-capable task also gets ``<flow>/<priori
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV
 from taskserver.platform.priorities import PRIORITIES, PriorityLevel
 from taskserver.platform.routing import deployment_name, lane_deployment
 from taskserver.platform.tasks import JOB_LANE, LANE_DESCRIPTIONS, Pool, TaskType, catalogue, get_task
-from taskserver.settings import env_name
+from taskserver.settings import env_name, get_settings
 
 STEP_DEPLOYMENTS_ENV = env_name("step_deployments")
 
@@ -34,7 +33,7 @@ NIGHTLY_RETRAIN_TASK = "train"
 NIGHTLY_RETRAIN_PRIORITY = PRIORITIES[-1].name  # the lowest level: batch work
 NIGHTLY_RETRAIN_CRON = "0 2 * * *"
 
-CODE_DIR_ENV = "TASKSERVER_CODE_DIR"
+CODE_DIR_ENV = env_name("code_dir")
 
 
 @dataclass(frozen=True)
@@ -136,8 +135,8 @@ def code_dir() -> Path:
     ``TASKSERVER_CODE_DIR`` wins; otherwise the checkout this package was installed from
     (editable installs and images that copy the repository), else the current directory.
     """
-    if os.environ.get(CODE_DIR_ENV):
-        return Path(os.environ[CODE_DIR_ENV]).resolve()
+    if configured := get_settings().code_dir:
+        return Path(configured).resolve()
     here = Path(__file__).resolve()
     for parent in here.parents:
         if (parent / "src" / "taskserver" / "__init__.py").exists():

@@ -35,6 +35,7 @@ from taskserver.platform.priorities import (
 )
 from taskserver.platform.client_env import CLIENT_ENV, RESULTS_DIRNAME, prefect_results_env
 from taskserver.platform.tasks import POOLS, Pool, TaskType
+from taskserver.settings import env_name, get_settings
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
@@ -46,7 +47,7 @@ RUN_AS_USER = 10001
 """The non-root user of both images (images/Dockerfile.*); the chart uses the same id."""
 POD_WATCH_TIMEOUT_SECONDS = 900
 """Long enough for a GPU node to scale up from zero before the worker gives up on the pod."""
-JOB_OPTIONS_ENV = "TASKSERVER_K8S_JOB_OPTIONS"
+JOB_OPTIONS_ENV = env_name("k8s_job_options")
 """Path of a JSON file ``{pool name: PoolJobOptions}``; the chart's bootstrap hook sets it."""
 OBJECT_STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -247,7 +248,7 @@ def default_options(pool: Pool) -> PoolJobOptions:
 
 def options_from_environment(pool: Pool) -> PoolJobOptions:
     """The pool's options from the file named by TASKSERVER_K8S_JOB_OPTIONS, else the defaults."""
-    path = os.environ.get(JOB_OPTIONS_ENV)
+    path = get_settings().k8s_job_options
     if not path:
         return default_options(pool)
     try:

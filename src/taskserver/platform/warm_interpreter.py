@@ -95,10 +95,9 @@ def run_environment(env: dict[str, str | None]) -> Iterator[None]:
     """Apply a run's job environment around it, then restore the interpreter's.
 
     ``PREFECT_*`` settings are not applied: Prefect reads them once per process, so on this
-    lane they come from the worker's environment.
+    lane they come from the worker's environment. ``get_settings()`` follows the environment,
+    so the run's settings apply for exactly its duration.
     """
-    from taskserver.settings import reload_settings
-
     applied = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
     saved = {k: os.environ.get(k) for k in applied}
     for key, value in applied.items():
@@ -106,9 +105,6 @@ def run_environment(env: dict[str, str | None]) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    touches_settings = any(k.startswith("TASKSERVER_") for k in applied)
-    if touches_settings:
-        reload_settings()
     try:
         yield
     finally:
@@ -117,8 +113,6 @@ def run_environment(env: dict[str, str | None]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if touches_settings:
-            reload_settings()
 
 
 class FlowLoader:
