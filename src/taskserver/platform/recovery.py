@@ -10,7 +10,6 @@ Run it as ``python -m taskserver.platform.recovery [--interval 15] [--max-attemp
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
@@ -18,7 +17,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Annotated, Optional
 from uuid import UUID
+
+import typer
 
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -32,6 +34,7 @@ from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import AwaitingRetry
 
+from taskserver import commands
 from taskserver.flows.heartbeats import HEARTBEAT_SECONDS
 from taskserver.platform.tasks import ALL_POOLS
 
@@ -411,32 +414,30 @@ async def serve(
         await asyncio.sleep(interval)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m taskserver.platform.recovery",
-        description="Reschedule flow runs lost with their worker, node or pod (reads PREFECT_API_URL).",
-    )
-    parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_SECONDS,
-                        help="Seconds between passes (default %(default)s).")
-    parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
-                        help="Starts a run may get in all, the first included (default %(default)s).")
-    parser.add_argument("--lookback-hours", type=float, default=DEFAULT_LOOKBACK.total_seconds() / 3600,
-                        help="Only runs that crashed within this many hours (default %(default)s).")
-    parser.add_argument("--pool", action="append", dest="pools", default=None,
-                        help="Only runs of this work pool (repeatable; default: every platform pool).")
-    parser.add_argument("--once", action="store_true", help="One pass, then exit.")
-    parser.add_argument("--heartbeat-file", default=None, metavar="PATH",
-                        help="Touch this file after every pass (for a liveness probe on its age).")
-    args = parser.parse_args(argv)
-    if args.max_attempts < 1:
-        parser.error("--max-attempts must be at least 1")
-    if args.interval <= 0:
-        parser.error("--interval must be positive")
+def recover(
+    interval: Annotated[float, typer.Option(help="Seconds between passes.")] = DEFAULT_INTERVAL_SECONDS,
+    max_attempts: Annotated[int, typer.Option(min=1, help="Starts a run may get in all, the first included.")]
+    = DEFAULT_MAX_ATTEMPTS,
+    lookback_hours: Annotated[float, typer.Option(help="Only runs that crashed within this many hours.")]
+    = DEFAULT_LOOKBACK.total_seconds() / 3600,
+    pools: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007 - typer reads Optional
+        "--pool", help="Only runs of this work pool (repeatable; default: every platform pool).")] = None,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+    heartbeat_file: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        metavar="PATH", help="Touch this file after every pass (for a liveness probe on its age).")] = None,
+) -> None:
+    """Reschedule flow runs lost with their worker, node or pod (reads PREFECT_API_URL)."""
+    if interval <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--interval")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
-    asyncio.run(serve(args.interval, args.max_attempts, timedelta(hours=args.lookback_hours),
-                      args.pools, args.once, args.heartbeat_file))
+    asyncio.run(serve(interval, max_attempts, timedelta(hours=lookback_hours), pools or None, once,
+                      heartbeat_file))
+
+
+def main(argv: list[str] | None = None) -> None:
+    commands.run(recover, argv, prog="python -m taskserver.platform.recovery")
 
 
 if __name__ == "__main__":

@@ -460,15 +460,3 @@ class WarmWorker(WakeOnRunEvents, QueuePriorityMixin,
     @property
     def interpreter_pool(self) -> InterpreterPool:
         return self._pool
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``POOL INTERPRETERS [NAME]``: what ``python -m taskserver.platform.serve warm N`` runs.
-
-    (Not ``python -m`` this module: as ``__main__`` it would register the worker type twice.)
-    """
-    args = sys.argv[1:] if argv is None else argv
-    pool, limit = args[0], int(args[1])
-    name = args[2] if len(args) > 2 else None
-    worker = WarmWorker(work_pool_name=pool, limit=limit, name=name, create_pool_if_not_found=False)
-    anyio.run(worker.start)

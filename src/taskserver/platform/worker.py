@@ -10,11 +10,11 @@ Runs of the same priority launch together, so the gate costs nothing without mix
 
 from __future__ import annotations
 
-import sys
-from typing import Any
+from typing import Annotated, Any, Optional
 from uuid import UUID
 
 import anyio
+import typer
 from prefect.exceptions import ObjectNotFound
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
@@ -22,6 +22,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
+from taskserver import commands
 from taskserver.platform import job_engine
 from taskserver.platform.queue_order import QueuePriorityMixin
 from taskserver.platform.tasks import PROCESS_WORKER_TYPE, WARM_POOL
@@ -154,20 +155,24 @@ class PriorityProcessWorker(WakeOnRunEvents, QueuePriorityMixin, ProcessWorker):
                 self._awaiting_start.pop(rid, None)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``POOL LIMIT [NAME]``: what ``python -m taskserver.platform.serve`` (the local stack) runs.
-
-    The warm pool gets the warm lane's worker (LIMIT = its interpreters), any other pool this one.
-    """
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] == WARM_POOL.name:
-        from taskserver.platform.warm import main as warm_main
-
-        return warm_main(args)
-    pool, limit = args[0], int(args[1])
-    name = args[2] if len(args) > 2 else None
-    worker = PriorityProcessWorker(work_pool_name=pool, limit=limit, name=name, create_pool_if_not_found=False)
+def serve_pool(
+    pool: Annotated[str, typer.Argument(help="The work pool (it must exist: `taskserver bootstrap`).")],
+    limit: Annotated[int, typer.Argument(min=1, help="Runs at once (the warm pool: its interpreters).")],
+    name: Annotated[Optional[str], typer.Argument(help="The worker's name; default: Prefect's.")] = None,  # noqa: UP007
+) -> None:
+    """A pool's worker in the foreground: the warm pool gets the warm lane's worker, any other pool
+    the priority process worker. What ``taskserver up`` starts per pool."""
+    if pool == WARM_POOL.name:
+        from taskserver.platform.warm import WarmWorker as worker_type
+    else:
+        worker_type = PriorityProcessWorker
+    worker = worker_type(work_pool_name=pool, limit=limit, name=name, create_pool_if_not_found=False)
     anyio.run(worker.start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``POOL LIMIT [NAME]``: what ``python -m taskserver.platform.serve`` (the local stack) runs."""
+    commands.run(serve_pool, argv, prog="python -m taskserver.platform.serve")
 
 
 # The prefect.collections entry point imports this module; importing the warm lane here

@@ -9,7 +9,6 @@ lost database is waited out: results are kept and written when it is back.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -18,9 +17,12 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Annotated, Optional
 
 import asyncpg
+import typer
 
+from taskserver import commands
 from taskserver.errors import TaskserverError
 from taskserver.platform.request_lane import queue
 from taskserver.platform.request_lane.batches import error_record, run_batch, warm_up
@@ -212,15 +214,15 @@ def drain_batch(batch: Sequence[queue.RequestRecord]) -> list[queue.Outcome]:
     return [outcomes[record.id] for record in batch]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default=None, help="This drainer's name in the rows it claims.")
-    args = parser.parse_args(argv)
+def drain(
+    name: Annotated[Optional[str], typer.Option(help="This drainer's name in the rows it claims.")] = None,  # noqa: UP007
+) -> None:
+    """Take the request lane's queue in priority order, in batches, until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     warm_up()
     recorder = PrefectRecorder.if_configured(settings)
-    drainer = Drainer(database_url(settings), args.name, settings, recorder)
+    drainer = Drainer(database_url(settings), name, settings, recorder)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -234,6 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(serve())
     if recorder is not None:
         recorder.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    commands.run(drain, argv, prog="python -m taskserver.platform.request_lane.drainer")
 
 
 if __name__ == "__main__":

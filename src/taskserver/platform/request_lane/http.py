@@ -8,17 +8,20 @@ Bad input gets a 4xx whose body names the input, the reason and what to do. With
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
+import sys
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any, Optional
+
+import typer
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
+from taskserver import commands
 from taskserver.errors import ParameterError, RequestTimeoutError, TaskserverError
 from taskserver.platform.priorities import DEFAULT_PRIORITY
 from taskserver.platform.request_lane import queue
@@ -142,14 +145,24 @@ async def _answer(client: AsyncRequestClient, ids: list[uuid.UUID], wait: float,
     return JSONResponse(status_code=200 if done else 202, content=body if many else body[0])
 
 
-def main(argv: list[str] | None = None) -> None:
+def serve(
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="Default: TASKSERVER_REQUEST_PORT.")] = None,  # noqa: UP007
+    host: Annotated[str, typer.Option(
+        help="Address to listen on. In a cluster 0.0.0.0 behind a Service; anywhere else keep the"
+        " loopback default, or set TASKSERVER_AUTH_STRING.")] = HOST,
+) -> None:
+    """Serve the request lane's HTTP endpoint (POST /requests, GET /requests/{id})."""
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=None, help="Default: TASKSERVER_REQUEST_PORT.")
-    args = parser.parse_args(argv)
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=HOST, port=args.port or settings.request_port, log_level="warning")
+    if host != HOST and not settings.auth_string.get_secret_value():
+        print(f"request endpoint: listening on {host} without authentication (TASKSERVER_AUTH_STRING"
+              " is empty): anyone who can reach the port can submit requests", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=host, port=port or settings.request_port, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> None:
+    commands.run(serve, argv, prog="python -m taskserver.platform.request_lane.http")
 
 
 if __name__ == "__main__":
