@@ -24,7 +24,7 @@ from taskserver.platform.gpus import GPU_RESOURCE, get_gpu
 from taskserver.platform.kubernetes import PoolJobOptions, base_job_template, platform_document
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.tasks import POOLS, WARM_POOL
-from taskserver.settings import Settings
+from taskserver.settings import Settings, env_name
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "taskserver"
@@ -589,3 +589,79 @@ def test_recovery_command_is_accepted_by_the_recovery_module(monkeypatch) -> Non
     ((interval, max_attempts, lookback, pools, once, heartbeat_file),) = parsed
     assert (interval, max_attempts, lookback.total_seconds(), pools, once) == (15.0, 3, 24 * 3600, None, False)
     assert heartbeat_file == "/run/recovery/heartbeat"
+
+
+def _request_lane(objects) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in of_kind(objects, "Deployment")
+            if d["metadata"]["labels"]["app.kubernetes.io/component"].startswith("request-")}
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_request_lane_is_off_by_default_and_on_runs_in_the_release_namespace_with_the_bundled_database() -> None:
+    assert _request_lane(render("default-values.yaml")) == {}
+    objects = render("request-lane-values.yaml")
+    lane = _request_lane(objects)
+    assert set(lane) == {"request-drainer", "request-endpoint"}
+    assert lane["request-drainer"]["spec"]["replicas"] == 2
+    for deployment in lane.values():
+        assert deployment["metadata"].get("namespace", "taskserver") == "taskserver"  # never the jobs namespace
+        env = _env(deployment)
+        # The bundled database: the password by secret reference (libpq's PGPASSWORD), never in the URL.
+        assert env["PGPASSWORD"] == {"secretKeyRef": {"name": "ts-taskserver-postgresql", "key": "password"}}
+        url = env[env_name("request_database_url")]
+        assert url == "postgresql://prefect@ts-taskserver-postgresql.taskserver.svc:5432/prefect", url
+        assert env[env_name("auth_string")]["secretKeyRef"]["key"] == "auth-string"
+        assert env["TASKSERVER_REQUEST_BATCH_SIZE"] == "32"
+        # Every plain TASKSERVER_* value is one the settings model reads, and reads as valid.
+        plain = {k: v for k, v in env.items() if k.startswith("TASKSERVER_") and isinstance(v, str)}
+        assert {k for k in plain} <= {env_name(f) for f in Settings.model_fields}, plain
+        Settings(**{k.removeprefix("TASKSERVER_").lower(): v for k, v in plain.items()})
+    (service,) = [s for s in of_kind(objects, "Service") if s["metadata"]["name"].endswith("-requests")]
+    assert service["spec"]["ports"][0]["port"] == platform_document()["requestLane"]["port"]
+
+
+def test_postgres_and_the_request_endpoint_admit_the_request_lane_under_network_policy() -> None:
+    objects = render("request-lane-values.yaml")
+    lane = _request_lane(objects)
+    policies = {p["metadata"]["name"]: p for p in of_kind(objects, "NetworkPolicy")}
+    postgres = policies["ts-taskserver-postgresql"]["spec"]["ingress"][0]["from"]
+    for deployment in lane.values():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert any(all(labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items()) for peer in postgres)
+    endpoint = policies["ts-taskserver-requests"]["spec"]
+    assert endpoint["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "request-endpoint"
+
+
+def test_request_lane_on_an_external_database_reads_the_servers_url_secret() -> None:
+    objects = render("external-db-values.yaml", "requestLane.enabled=true")
+    for deployment in _request_lane(objects).values():
+        env = _env(deployment)
+        assert "PGPASSWORD" not in env
+        assert env[env_name("request_database_url")] == {
+            "secretKeyRef": {"name": "taskserver-database", "key": "connection-url"}}
+
+
+def test_request_lane_commands_are_accepted_by_their_modules(monkeypatch) -> None:
+    """The chart's command lines go through the modules' real parsers (the servers themselves,
+    uvicorn and the drain loop, are swapped for recorders: they need a database)."""
+    import uvicorn
+
+    from taskserver.platform.request_lane import drainer, http
+
+    lane = _request_lane(render("request-lane-values.yaml"))
+    served: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    command = lane["request-endpoint"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", http.__name__]
+    http.main(command[3:])
+    assert served == [{"host": "0.0.0.0", "port": platform_document()["requestLane"]["port"], "log_level": "warning"}]
+    drained: list[Any] = []
+    monkeypatch.setattr(drainer, "drain", lambda name=None: drained.append(name))
+    command = lane["request-drainer"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command == ["python", "-m", drainer.__name__]
+    drainer.main(command[3:])
+    assert drained == [None]

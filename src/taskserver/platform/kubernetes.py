@@ -35,7 +35,7 @@ from taskserver.platform.priorities import (
 )
 from taskserver.platform.client_env import CLIENT_ENV, RESULTS_DIRNAME, prefect_results_env
 from taskserver.platform.tasks import POOLS, Pool, TaskType
-from taskserver.settings import env_name, get_settings
+from taskserver.settings import Settings, env_name, get_settings
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
@@ -495,6 +495,14 @@ def platform_document() -> dict[str, Any]:
         "clientEnv": dict(CLIENT_ENV),
         "runAsUser": RUN_AS_USER,
         "jobOptionsEnv": JOB_OPTIONS_ENV,
+        # The request lane's drainer and endpoint (chart: requestLane.*), from taskserver.settings.
+        "requestLane": {
+            "port": Settings.model_fields["request_port"].default,
+            "databaseUrlEnv": env_name("request_database_url"),
+            "authStringEnv": env_name("auth_string"),
+            "drainerModule": "taskserver.platform.request_lane.drainer",
+            "endpointModule": "taskserver.platform.request_lane.http",
+        },
     }
 
 
