@@ -240,6 +240,33 @@ def up(
 ) -> StackInfo:
     """Start server, bootstrap and workers; raise ``StackError`` if anything is in the way."""
     paths = stack_paths(home)
+    _refuse_if_in_the_way(paths, port)
+    url = api_url(port)
+    db_url = database_url or _start_database(paths, database, echo)
+    env = _start_server(paths, port, db_url, echo)
+    try:
+        report = run_bootstrap(url, with_probe=with_probe)
+    except Exception:
+        down(home=paths.home, echo=lambda *_: None)
+        raise
+    echo(report.summary() if report.changed else "bootstrap: already up to date")
+
+    worker_env = _client_env(env, url)
+    _start_workers(paths, worker_env, slots, warm_slots, echo)
+    # Reschedules runs whose process, worker or node was lost (taskserver.platform.recovery).
+    _spawn(paths, RECOVERY,
+           [sys.executable, "-m", "taskserver.platform.recovery", "--interval", str(RECOVERY_INTERVAL_SECONDS)],
+           worker_env, "taskserver.platform.recovery")
+    echo(f"recovery: lost runs are rescheduled (checked every {RECOVERY_INTERVAL_SECONDS}s)")
+    _start_request_lane(paths, worker_env, db_url, echo)
+    ui = url.removesuffix("/api")
+    echo(f"Prefect UI: {ui}")
+    echo(f"use it with: export PREFECT_API_URL={url}")
+    return StackInfo(api_url=url, ui_url=ui, database_url=db_url, home=paths.home)
+
+
+def _refuse_if_in_the_way(paths: StackPaths, port: int) -> None:
+    """A stack already (or half) running in this home, or a taken port, is a named error."""
     present = running_components(paths)
     if present:
         alive = sorted(c for c, ok in present.items() if ok)
@@ -259,8 +286,11 @@ def up(
     if _port_taken(port):
         raise StackError(f"port {port}", f"something is already listening on {HOST}:{port}",
                          "stop it or pass --port")
+
+
+def _start_server(paths: StackPaths, port: int, db_url: str, echo) -> dict[str, str]:
+    """The Prefect server on ``db_url``, waited on until healthy; returns its environment."""
     url = api_url(port)
-    db_url = database_url or _start_database(paths, database, echo)
     paths.prefect_home.mkdir(parents=True, exist_ok=True)
     env = _base_env(paths)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = db_url
@@ -270,9 +300,8 @@ def up(
     auth = get_settings().auth_string.get_secret_value()
     if auth:  # basic auth on every route but /health; the server's own clients need it too
         env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"] = auth
-    marker = f"--port {port}"
     _spawn(paths, "server", [_prefect_exe(), "server", "start", "--host", HOST, "--port", str(port)],
-           env, marker)
+           env, f"--port {port}")
     echo(f"starting Prefect server on {HOST}:{port} (logs: {paths.log('server')})")
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while not _healthy(url):
@@ -288,43 +317,36 @@ def up(
         time.sleep(0.5)
     # The home holds no secret: the database password is masked here.
     paths.state.write_text(json.dumps({"api_url": url, "port": port, "database_url": redact_database_url(db_url)}))
+    return env
 
-    try:
-        report = run_bootstrap(url, with_probe=with_probe)
-    except Exception:
-        down(home=paths.home, echo=lambda *_: None)
-        raise
-    echo(report.summary() if report.changed else "bootstrap: already up to date")
 
-    worker_env = dict(env)
-    worker_env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
-    worker_env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # workers keep the client's PREFECT_API_AUTH_STRING
-    worker_env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)})
+def _client_env(server_env: dict[str, str], url: str) -> dict[str, str]:
+    """What the stack's clients (workers, recovery, the request lane) get: the server's
+    environment without its database URL and server-side auth, pointed at its API."""
+    env = dict(server_env)
+    env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+    env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # clients keep the client's PREFECT_API_AUTH_STRING
+    env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)})
     # Results in the data location, as on Kubernetes: a pipeline step's result is readable anywhere.
-    worker_env.update(prefect_results_env(get_settings().data_location))
+    env.update(prefect_results_env(get_settings().data_location))
+    return env
+
+
+def _start_workers(paths: StackPaths, env: dict[str, str], slots: int, warm_slots: int, echo) -> None:
+    """One worker per pool: the job pools' priority process workers and the warm lane's worker."""
     for pool in ALL_POOLS:
         pool_slots = warm_slots if pool.worker_type else slots
         argv, worker_marker = _worker_argv(pool, pool_slots)
-        pool_env = dict(worker_env)
+        pool_env = dict(env)
         if pool.worker_type:
             pool_env["PREFECT_WORKER_QUERY_SECONDS"] = str(WARM_POLL_SECONDS)
         _spawn(paths, f"worker-{pool.name}", argv, pool_env, worker_marker)
-    ui = url.removesuffix("/api")
     job_pools = ", ".join(p.name for p in ALL_POOLS if not p.worker_type)
     warm_pools = ", ".join(p.name for p in ALL_POOLS if p.worker_type)
     echo(f"workers started: {job_pools} ({slots} slots each); warm lane {warm_pools} ({warm_slots} warm"
          f" interpreters); each polls when a run of its pool changes state (fallback poll every"
          f" {POLL_SECONDS}s / {WARM_POLL_SECONDS}s;"
          " ready once the model is loaded)")
-    # Reschedules runs whose process, worker or node was lost (taskserver.platform.recovery).
-    _spawn(paths, RECOVERY,
-           [sys.executable, "-m", "taskserver.platform.recovery", "--interval", str(RECOVERY_INTERVAL_SECONDS)],
-           worker_env, "taskserver.platform.recovery")
-    echo(f"recovery: lost runs are rescheduled (checked every {RECOVERY_INTERVAL_SECONDS}s)")
-    _start_request_lane(paths, worker_env, db_url, echo)
-    echo(f"Prefect UI: {ui}")
-    echo(f"use it with: export PREFECT_API_URL={url}")
-    return StackInfo(api_url=url, ui_url=ui, database_url=db_url, home=paths.home)
 
 
 def _start_request_lane(paths: StackPaths, env: dict[str, str], db_url: str, echo) -> None:

@@ -216,32 +216,41 @@ async def reschedule_lost_runs(
                 if exhausted is not None:
                     exhausted.add(candidate.id)
             continue
-        # Re-read just before proposing: another pass may have moved it on since the listing.
-        current = await client.read_flow_run(candidate.id)
-        if current.state is None or current.state.id != crashed.id:
-            continue
-        message = (
-            f"{RESCHEDULE_MESSAGE_PREFIX} (attempt {attempt} of {max_attempts}): the previous"
-            f" attempt {cause}: {crashed.message}"
-        )
-        proposed = AwaitingRetry(scheduled_time=datetime.now(timezone.utc), message=message)
-        proposed.state_details.transition_id = _transition_id(candidate.id, crashed.id)
-        result = await client.set_flow_run_state(candidate.id, proposed, force=False)
-        if result.status.value != "ACCEPT":
-            log.info("Flow run %s (%s) not rescheduled: the server answered %s (%s)", candidate.name,
-                     candidate.id, result.status.value, getattr(result.details, "reason", ""))
-            continue
-        item = Rescheduled(
-            flow_run_id=candidate.id, name=candidate.name, work_pool=candidate.work_pool_name,
-            work_queue=candidate.work_queue_name, attempt=attempt, max_attempts=max_attempts,
-            reason=crashed.message or "",
-        )
-        log.warning(
-            "Rescheduled flow run %s (%s) in %s/%s, attempt %d of %d: %s", item.name, item.flow_run_id,
-            item.work_pool, item.work_queue, attempt, max_attempts, item.reason,
-        )
-        done.append(item)
+        item = await _reschedule(client, candidate, crashed, cause, attempt, max_attempts)
+        if item is not None:
+            done.append(item)
     return done
+
+
+async def _reschedule(client: PrefectClient, candidate: FlowRun, crashed: State, cause: str, attempt: int,
+                      max_attempts: int) -> Rescheduled | None:
+    """Propose AwaitingRetry for ``candidate`` if it is still in the ``crashed`` state; None if not."""
+    # Re-read just before proposing: another pass may have moved it on since the listing.
+    current = await client.read_flow_run(candidate.id)
+    if current.state is None or current.state.id != crashed.id:
+        return None
+    message = (
+        f"{RESCHEDULE_MESSAGE_PREFIX} (attempt {attempt} of {max_attempts}): the previous"
+        f" attempt {cause}: {crashed.message}"
+    )
+    proposed = AwaitingRetry(scheduled_time=datetime.now(timezone.utc), message=message)
+    # One transition id per (run, crash): two passes proposing for the same crash are one transition.
+    proposed.state_details.transition_id = _transition_id(candidate.id, crashed.id)
+    result = await client.set_flow_run_state(candidate.id, proposed, force=False)
+    if result.status.value != "ACCEPT":
+        log.info("Flow run %s (%s) not rescheduled: the server answered %s (%s)", candidate.name,
+                 candidate.id, result.status.value, getattr(result.details, "reason", ""))
+        return None
+    item = Rescheduled(
+        flow_run_id=candidate.id, name=candidate.name, work_pool=candidate.work_pool_name,
+        work_queue=candidate.work_queue_name, attempt=attempt, max_attempts=max_attempts,
+        reason=crashed.message or "",
+    )
+    log.warning(
+        "Rescheduled flow run %s (%s) in %s/%s, attempt %d of %d: %s", item.name, item.flow_run_id,
+        item.work_pool, item.work_queue, attempt, max_attempts, item.reason,
+    )
+    return item
 
 
 STRANDED_PENDING_AFTER = timedelta(seconds=60)
