@@ -24,6 +24,7 @@ from taskserver.platform.gpus import GPU_RESOURCE, get_gpu
 from taskserver.platform.kubernetes import PoolJobOptions, base_job_template, platform_document
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.tasks import POOLS, WARM_POOL
+from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
 from taskserver.settings import Settings, env_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -411,13 +412,14 @@ def test_the_warm_worker_type_and_cli_flags_exist_in_the_installed_package() -> 
 
 def test_warm_worker_environment_is_read_by_the_settings() -> None:
     env = {e["name"]: e.get("value") for e in warm_container(render("default-values.yaml", "warm.preload={encoder,pdf}"))["env"]}
-    assert env["PREFECT_WORKER_QUERY_SECONDS"] == "0.25"
+    # Values left null take the code's defaults (files/platform.json), not a copy in values.yaml.
+    assert float(env["PREFECT_WORKER_QUERY_SECONDS"]) == FALLBACK_POLL_SECONDS
     assert env["PREFECT_API_URL"] == "http://ts-taskserver-server.taskserver.svc:4200/api"
     warm_env = {name: value for name, value in env.items() if name.startswith("TASKSERVER_WARM_")}
     assert warm_env == {
         "TASKSERVER_WARM_THREADS": "1",
-        "TASKSERVER_WARM_MAX_RUNS": "200",
-        "TASKSERVER_WARM_MAX_RSS_MB": "2048",
+        "TASKSERVER_WARM_MAX_RUNS": str(Settings.model_fields["warm_max_runs"].default),
+        "TASKSERVER_WARM_MAX_RSS_MB": str(Settings.model_fields["warm_max_rss_mb"].default),
         "TASKSERVER_WARM_PRELOAD": "encoder,pdf",
     }
     # Every variable is one the code reads, and parses to what the values said.
@@ -665,3 +667,21 @@ def test_request_lane_commands_are_accepted_by_their_modules(monkeypatch) -> Non
     assert command == ["python", "-m", drainer.__name__]
     drainer.main(command[3:])
     assert drained == [None]
+
+
+def test_values_left_null_take_the_codes_defaults_and_set_values_win() -> None:
+    from taskserver.platform import recovery
+
+    def recovery_args(*sets: str) -> list[str]:
+        (deployment,) = [d for d in of_kind(render("default-values.yaml", *sets), "Deployment")
+                         if d["metadata"]["name"].endswith("-recovery")]
+        return deployment["spec"]["template"]["spec"]["containers"][0]["command"][3:]
+
+    default = recovery_args()
+    assert float(default[default.index("--interval") + 1]) == recovery.DEFAULT_INTERVAL_SECONDS
+    assert int(default[default.index("--max-attempts") + 1]) == recovery.DEFAULT_MAX_ATTEMPTS
+    chosen = recovery_args("recovery.interval=40", "recovery.maxAttempts=5")
+    assert chosen[chosen.index("--interval") + 1] == "40" and chosen[chosen.index("--max-attempts") + 1] == "5"
+    env = {e["name"]: e.get("value") for e in warm_container(render("default-values.yaml", "warm.maxRuns=7",
+                                                                    "warm.querySeconds=2"))["env"]}
+    assert (env["TASKSERVER_WARM_MAX_RUNS"], env["PREFECT_WORKER_QUERY_SECONDS"]) == ("7", "2")

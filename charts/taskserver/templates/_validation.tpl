@@ -52,7 +52,8 @@
 {{- fail (printf "taskserver: warm.autoscaling.minReplicas (%v) is above maxReplicas (%v)." $warm.autoscaling.minReplicas $warm.autoscaling.maxReplicas) -}}
 {{- end -}}
 {{- $limitMiB := include "taskserver.memoryMiB" $warm.resources.limits.memory | int64 -}}
-{{- $neededMiB := add (mul (int64 $warm.interpreters) (int64 $warm.maxRssMB)) 512 -}}
+{{- $maxRssMB := $warm.maxRssMB | default $platform.defaults.warmMaxRssMB -}}
+{{- $neededMiB := add (mul (int64 $warm.interpreters) (int64 $maxRssMB)) 512 -}}
 {{- if lt $limitMiB 0 -}}
 {{- fail (printf "taskserver: warm.resources.limits.memory %q is not a memory quantity (e.g. 5Gi or 5120Mi)." (toString $warm.resources.limits.memory)) -}}
 {{- end -}}

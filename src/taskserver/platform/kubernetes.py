@@ -467,8 +467,10 @@ def platform_document() -> dict[str, Any]:
     The chart never repeats a priority or GPU name; ``tests/charts`` checks that the file
     equals this document.
     """
+    from taskserver.platform import recovery
     from taskserver.platform.gpus import GPUS
     from taskserver.platform.tasks import WARM_POOL
+    from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
 
     return {
         "generatedBy": "taskserver.platform.kubernetes.platform_document",
@@ -495,6 +497,15 @@ def platform_document() -> dict[str, Any]:
         "clientEnv": dict(CLIENT_ENV),
         "runAsUser": RUN_AS_USER,
         "jobOptionsEnv": JOB_OPTIONS_ENV,
+        # Code defaults the chart's values leave empty (values.yaml: null = this).
+        "defaults": {
+            "workerQuerySeconds": FALLBACK_POLL_SECONDS,
+            "warmMaxRuns": Settings.model_fields["warm_max_runs"].default,
+            "warmMaxRssMB": Settings.model_fields["warm_max_rss_mb"].default,
+            "recoveryIntervalSeconds": recovery.DEFAULT_INTERVAL_SECONDS,
+            "recoveryMaxAttempts": recovery.DEFAULT_MAX_ATTEMPTS,
+            "recoveryLookbackHours": recovery.DEFAULT_LOOKBACK.total_seconds() / 3600,
+        },
         # The request lane's drainer and endpoint (chart: requestLane.*), from taskserver.settings.
         "requestLane": {
             "port": Settings.model_fields["request_port"].default,

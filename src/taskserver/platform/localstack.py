@@ -24,19 +24,15 @@ from taskserver.platform.client_env import CLIENT_ENV, prefect_results_env
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.local_postgres import HOME_DATA_DIR, LocalPostgres
 from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, PROCESS_WORKER_TYPE, Pool
+from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
 from taskserver.settings import env_name, get_settings
 
 DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
 WORKER_SLOTS = 2
-POLL_SECONDS = 15
-WARM_POLL_SECONDS = 15
+POLL_SECONDS = WARM_POLL_SECONDS = FALLBACK_POLL_SECONDS
 """Fallback polls only: workers poll the moment a run of their pool changes state
-(``taskserver.platform.wakeup``), so a slow timed poll costs no latency, and the idle stack less CPU:
-each poll also makes the server mark the pool's queues and deployments ready, about half of its
-CPU at rest with three workers on a 5 s poll (py-spy, 2026-12-01). What only the timed poll finds
-is a run that falls due with no state change (a deployment schedule): Prefect's 10 s prefetch
-takes it on the poll before, so it starts at most 5 s late."""
+(``taskserver.platform.wakeup``), so a slow timed poll costs no latency, and the idle stack less CPU."""
 SERVER_START_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
 POSTGRES = "postgres"

@@ -22,6 +22,13 @@ from taskserver.settings import get_settings
 WAKE_EVENT_PREFIX = "prefect.flow-run."
 IGNORED_EVENTS = ("prefect.flow-run.heartbeat",)
 """Heartbeats say a run is alive, not that anything changed for the queue."""
+FALLBACK_POLL_SECONDS = 15.0
+"""The timed poll of a worker that wakes on run events (the local stack's and the chart's).
+
+Each poll also makes the server mark the pool's queues and deployments ready: with three workers
+on a 5 s poll that was about half of an idle server's CPU (py-spy, 2026-12-01). What only the
+timed poll finds is a run that falls due with no state change (a deployment's schedule), which
+Prefect's 10 s prefetch takes on the poll before: such a run starts at most 5 s late."""
 RECONNECT_DELAY_SECONDS = (1.0, 30.0)
 """Back-off bounds when the event stream cannot be reached (the timed poll keeps working)."""
 
