@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -421,12 +422,13 @@ def job_variables(task: TaskType, priority: PriorityLevel | str, **overrides: An
     level = get_priority(priority) if isinstance(priority, str) else priority
     values = {"priority_class_name": level.priority_class_name, **overrides}
     model = variables_model(task.pool, kueue="kueue_queue_name" in overrides)
-    unknown = set(values) - set(model.model_fields) - _UPSTREAM_VARIABLES
+    upstream = _upstream_variables()
+    unknown = set(values) - set(model.model_fields) - upstream
     if unknown:
         raise ParameterError(
             f"job variables of {task.name}/{level.name}",
             f"unknown variables {sorted(unknown)}",
-            f"the {task.pool.name!r} pool accepts {sorted(set(model.model_fields) | _UPSTREAM_VARIABLES)}",
+            f"the {task.pool.name!r} pool accepts {sorted(set(model.model_fields) | upstream)}",
         )
     ours = {key: value for key, value in values.items() if key in model.model_fields}
     try:
@@ -436,14 +438,12 @@ def job_variables(task: TaskType, priority: PriorityLevel | str, **overrides: An
     return values
 
 
-_UPSTREAM_VARIABLES = frozenset(
-    {
-        "name", "env", "labels", "command", "annotations", "namespace", "image",
-        "service_account_name", "image_pull_policy", "backoff_limit", "finished_job_ttl",
-        "job_watch_timeout_seconds", "pod_watch_timeout_seconds", "stream_output",
-        "cluster_config", "cpu_request", "cpu_limit", "memory_request", "memory_limit",
-    }
-)
+@lru_cache(maxsize=1)
+def _upstream_variables() -> frozenset[str]:
+    """prefect-kubernetes' own job variables, read from its model (not copied): passed through."""
+    from prefect_kubernetes.worker import KubernetesWorkerVariables  # heavy import, only when needed
+
+    return frozenset(KubernetesWorkerVariables.model_fields)
 
 
 def write_job_templates(
