@@ -685,3 +685,24 @@ def test_values_left_null_take_the_codes_defaults_and_set_values_win() -> None:
     env = {e["name"]: e.get("value") for e in warm_container(render("default-values.yaml", "warm.maxRuns=7",
                                                                     "warm.querySeconds=2"))["env"]}
     assert (env["TASKSERVER_WARM_MAX_RUNS"], env["PREFECT_WORKER_QUERY_SECONDS"]) == ("7", "2")
+
+
+def test_a_pool_and_the_warm_worker_can_run_a_task_packages_image() -> None:
+    """Issue 14: a chart value names the extra image per pool (and for the warm worker), the
+    bootstrap hook's job options carry it to the pool's base job template, and the admission
+    policy admits it."""
+    sets = ("workers.cpu.job.image.repository=team/taskserver-cpu-keywords", "workers.cpu.job.image.tag=1.0",
+            "warm.customImage.repository=team/taskserver-cpu-keywords", "warm.customImage.tag=1.0",
+            "jobs.admissionPolicy.enabled=true")
+    objects = render("default-values.yaml", *sets)
+    (configmap,) = [c for c in of_kind(objects, "ConfigMap") if "job-options" in c["metadata"]["name"]]
+    options = {name: PoolJobOptions.model_validate(value)
+               for name, value in json.loads(configmap["data"]["job-options.json"]).items()}
+    assert options["cpu"].image == "docker.io/team/taskserver-cpu-keywords:1.0"
+    assert options["gpu"].image.endswith("/taskserver-gpu:0.1.0"), "a pool without its own image keeps the catalogue's"
+    assert warm_container(objects)["image"] == "docker.io/team/taskserver-cpu-keywords:1.0"
+    (policy,) = of_kind(objects, "ValidatingAdmissionPolicy")
+    assert "docker.io/team/taskserver-cpu-keywords:1.0" in json.dumps(policy["spec"]["validations"])
+    # Without the values: the catalogue's images everywhere.
+    plain = render("default-values.yaml")
+    assert warm_container(plain)["image"].endswith("/taskserver-cpu:0.1.0")

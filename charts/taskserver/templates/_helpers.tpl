@@ -74,6 +74,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- $reference -}}
 {{- end -}}
 
+{{/* The warm worker's image: warm.customImage when it names a repository, else images.<warm.image>. */}}
+{{- define "taskserver.warmImage" -}}
+{{- if (.Values.warm.customImage | default dict).repository -}}
+{{- include "taskserver.imageRef" (dict "root" . "image" .Values.warm.customImage) -}}
+{{- else -}}
+{{- include "taskserver.image" (dict "root" . "name" .Values.warm.image) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "taskserver.image" -}}
 {{- include "taskserver.imageRef" (dict "root" .root "image" (index .root.Values.images .name)) -}}
 {{- end -}}
@@ -157,8 +166,12 @@ capabilities:
 {{- if not $priority -}}
 {{- range $platform.priorities }}{{ if .default }}{{ $priority = .name }}{{ end }}{{ end -}}
 {{- end -}}
+{{- $image := include "taskserver.image" (dict "root" $root "name" $imageName) -}}
+{{- if ($job.image | default dict).repository -}}
+{{- $image = include "taskserver.imageRef" (dict "root" $root "image" $job.image) -}}
+{{- end -}}
 {{- $entry := dict
-      "image" (include "taskserver.image" (dict "root" $root "name" $imageName))
+      "image" $image
       "image_pull_policy" $root.Values.images.pullPolicy
       "namespace" (include "taskserver.jobsNamespace" $root)
       "service_account_name" (printf "%s-%s-job" (include "taskserver.fullname" $root) $pool.name)
