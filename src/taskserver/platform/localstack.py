@@ -322,7 +322,7 @@ def _client_env(server_env: dict[str, str], url: str) -> dict[str, str]:
     env = dict(server_env)
     env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
     env.pop("PREFECT_SERVER_API_AUTH_STRING", None)  # clients keep the client's PREFECT_API_AUTH_STRING
-    env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": str(POLL_SECONDS)})
+    env.update({"PREFECT_API_URL": url, "PREFECT_WORKER_QUERY_SECONDS": f"{POLL_SECONDS:g}"})
     # Results in the data location, as on Kubernetes: a pipeline step's result is readable anywhere.
     env.update(prefect_results_env(get_settings().data_location))
     return env
@@ -335,13 +335,13 @@ def _start_workers(paths: StackPaths, env: dict[str, str], slots: int, warm_slot
         argv, worker_marker = _worker_argv(pool, pool_slots)
         pool_env = dict(env)
         if pool.worker_type:
-            pool_env["PREFECT_WORKER_QUERY_SECONDS"] = str(WARM_POLL_SECONDS)
+            pool_env["PREFECT_WORKER_QUERY_SECONDS"] = f"{WARM_POLL_SECONDS:g}"
         _spawn(paths, f"worker-{pool.name}", argv, pool_env, worker_marker)
     job_pools = ", ".join(p.name for p in ALL_POOLS if not p.worker_type)
     warm_pools = ", ".join(p.name for p in ALL_POOLS if p.worker_type)
     echo(f"workers started: {job_pools} ({slots} slots each); warm lane {warm_pools} ({warm_slots} warm"
          f" interpreters); each polls when a run of its pool changes state (fallback poll every"
-         f" {POLL_SECONDS}s / {WARM_POLL_SECONDS}s;"
+         f" {POLL_SECONDS:g}s / {WARM_POLL_SECONDS:g}s;"
          " ready once the model is loaded)")
 
 
