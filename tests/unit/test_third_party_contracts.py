@@ -6,6 +6,7 @@ PDF flow failing at run time. Each entry says who relies on it and the version i
 from __future__ import annotations
 
 import importlib.metadata
+import json
 
 import pytest
 
@@ -38,3 +39,43 @@ def test_unstructured_keeps_the_spacy_hooks_documents_replaces():
     assert callable(tokenize._load_spacy_model)
     assert callable(tokenize._get_nlp)
     assert isinstance(tokenize._SPACY_EXCLUDE, (list, tuple, set, frozenset))
+
+
+def _installed_sources(*packages: str) -> str:
+    import importlib.util
+    from pathlib import Path
+
+    texts = []
+    for package in packages:
+        root = Path(importlib.util.find_spec(package).origin).parent
+        texts.extend(path.read_text(errors="replace") for path in root.rglob("*.py"))
+    return "\n".join(texts)
+
+
+def test_every_crash_message_recovery_matches_is_still_written_by_the_installed_prefect():
+    """platform.recovery decides what to reschedule by the Crashed state's message. Each message
+    (its literal stem: the exit code is formatted in) must still be in the installed Prefect or
+    prefect-kubernetes source, so an upgrade that rewords one fails here, by message, instead of
+    lost runs silently staying Crashed. The fault tests produce the real crashes for the common
+    ones (a killed job-lane process, a lost warm worker, SIGTERM mid-training, a silent run)."""
+    import re
+
+    from taskserver.platform.recovery import LOST_INFRASTRUCTURE_MESSAGES, NEVER_RETRIED_PREFIXES
+
+    ours = {"Flow run marked as crashed due to missing heartbeats."}  # bootstrap's zombie automation
+    source = _installed_sources("prefect", "prefect_kubernetes")
+    missing = []
+    for message in (*LOST_INFRASTRUCTURE_MESSAGES, *NEVER_RETRIED_PREFIXES):
+        if message in ours:
+            continue
+        stem = re.sub(r"\s*-?\d+$", "", message)  # "...status code -9" -> "...status code"
+        if stem not in source:
+            missing.append(message)
+    assert not missing, f"no longer in the installed Prefect: {missing} (re-check platform.recovery)"
+
+
+def test_the_zombie_automations_message_is_the_one_recovery_matches():
+    from taskserver.platform.bootstrap import zombie_automation
+    from taskserver.platform.recovery import LOST_INFRASTRUCTURE_MESSAGES
+
+    assert LOST_INFRASTRUCTURE_MESSAGES[0] in json.dumps(zombie_automation().model_dump(mode="json"))
