@@ -17,7 +17,7 @@ from uuid import UUID
 
 import psutil
 
-from platform_support import WorkerProcess, _stop, base_env, wait_until
+from platform_support import RecoveryService, WorkerProcess, _stop, base_env, wait_until  # noqa: F401 - re-exported
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -52,34 +52,6 @@ def kill_like_a_lost_node(worker: WorkerProcess) -> list[int]:
     psutil.wait_procs(tree, timeout=30)
     worker.process = None
     return killed
-
-
-@dataclass
-class RecoveryService:
-    """``python -m taskserver.platform.recovery`` as the platform runs it, against one server."""
-
-    api_url: str
-    log: Path
-    interval: float = 3.0
-    max_attempts: int = 3
-    extra_args: list[str] = field(default_factory=list)
-    process: subprocess.Popen | None = None
-
-    def start(self) -> "RecoveryService":
-        argv = [sys.executable, "-m", "taskserver.platform.recovery", "--interval", str(self.interval),
-                "--max-attempts", str(self.max_attempts), *self.extra_args]
-        self.process = subprocess.Popen(argv, env=base_env(PREFECT_API_URL=self.api_url),
-                                        stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _stop(self.process)
-            self.process = None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 # -- run states ----------------------------------------------------------------------------------

@@ -126,6 +126,34 @@ class WorkerProcess:
             self.process = None
 
 
+@dataclass
+class RecoveryService:
+    """``python -m taskserver.platform.recovery`` as the platform runs it, against one server."""
+
+    api_url: str
+    log: Path
+    interval: float = 3.0
+    max_attempts: int = 3
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    def start(self) -> "RecoveryService":
+        argv = [sys.executable, "-m", "taskserver.platform.recovery", "--interval", str(self.interval),
+                "--max-attempts", str(self.max_attempts), *self.extra_args]
+        self.process = subprocess.Popen(argv, env=base_env(PREFECT_API_URL=self.api_url),
+                                        stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+            self.process = None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
 def read_starts(record_dir: Path) -> dict[str, list[dict]]:
     """Every body start the probe recorded, by label."""
     found: dict[str, list[dict]] = {}
