@@ -838,13 +838,13 @@ async def bench_on_database(database: str, chosen: list[str], scale: Scale, work
 
 async def _bench_prefect_systems(database, chosen, scale, server, work, logs, bootstrap_async, extra_tasks):
     await bootstrap_async(extra_tasks=extra_tasks)
-    from taskserver.platform.localstack import WARM_POLL_SECONDS
+    from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
 
     results: dict[str, dict] = {}
     for name in chosen:
         print(f"benchmarking {TITLES[name]} on {database}", flush=True)
         if name == "taskserver-warm":  # as `taskserver up` runs it: woken by run events, slow fallback poll
-            system = WarmSystem(name, server, "warm", WARM_POLL_SECONDS, logs)
+            system = WarmSystem(name, server, "warm", FALLBACK_POLL_SECONDS, logs)
         else:
             poll = 10 if name == "prefect-10s" else 1
             worker_type = "taskserver" if name.startswith("taskserver") else "process"

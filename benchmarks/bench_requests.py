@@ -26,9 +26,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from bench_queue import CelerySystem, bare_encode_seconds, percentile, request_texts  # noqa: E402
 from platform_support import free_port  # noqa: E402  (bench_queue put tests/integration on the path)
+from taskserver.platform.request_lane import DRAINER_MODULE  # noqa: E402
 
 RESULTS = BENCH_DIR / "results" / "requests.json"
-DRAINER = "taskserver.platform.request_lane.drainer"
+DRAINER = DRAINER_MODULE
 
 
 async def lane_throughput(url: str, texts: list[str], clients: int) -> dict[str, Any]:

@@ -16,14 +16,13 @@ import typer
 from typer.exceptions import TyperException
 
 
-def run(command: Callable[..., Any], argv: Sequence[str] | None = None, prog: str | None = None,
-        help: str | None = None) -> Any:
+def run(command: Callable[..., Any], argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
     """Parse ``argv`` (default: ``sys.argv[1:]``) for ``command`` and call it; return its value.
 
     A usage error prints the usage and the reason and exits 2; ``--help`` prints and exits 0.
     """
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command(help=help or command.__doc__)(command)
+    app.command()(command)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return typer.main.get_command(app).main(args=args, prog_name=prog, standalone_mode=False)

@@ -30,20 +30,19 @@ def _print_progress(event: TrainProgress) -> None:
 
 
 def train(
-    config: Annotated[str, typer.Option(help="A file with the TrainConfig as JSON.")],
-    result: Annotated[str, typer.Option(help="Where the main process writes the outcome (a path or URL).")],
+    config_path: Annotated[str, typer.Option("--config", help="A file with the TrainConfig as JSON.")],
+    result_path: Annotated[str, typer.Option("--result", help="Where the main process writes the outcome (a path or URL).")],
 ) -> int:
     """One process of ``accelerate launch``: train, print progress lines, write the outcome."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config_path, result_path = config, result
     with open(config_path, encoding="utf-8") as handle:
-        settings = TrainConfig.model_validate_json(handle.read())
+        config = TrainConfig.model_validate_json(handle.read())
 
     # Not PartialState(): created before the Accelerator, it would ignore ACCELERATE_USE_CPU and
     # pin every process to a non-distributed state.
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
-        outcome = train_classifier(settings, on_progress=_print_progress)
+        outcome = train_classifier(config, on_progress=_print_progress)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then re-raised
         if is_main:
             storage.write_text(result_path, json.dumps({"error": describe_error(exc)}))

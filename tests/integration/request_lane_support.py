@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from platform_support import base_env, wait_until, _stop
+from taskserver.platform.request_lane import DRAINER_MODULE, ENDPOINT_MODULE
 
-DRAINER = "taskserver.platform.request_lane.drainer"
-ENDPOINT = "taskserver.platform.request_lane.http"
+DRAINER, ENDPOINT = DRAINER_MODULE, ENDPOINT_MODULE
 
 
 @dataclass

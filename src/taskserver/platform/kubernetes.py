@@ -469,6 +469,7 @@ def platform_document() -> dict[str, Any]:
     """
     from taskserver.platform import recovery
     from taskserver.platform.gpus import GPUS
+    from taskserver.platform.request_lane import DRAINER_MODULE, ENDPOINT_MODULE
     from taskserver.platform.tasks import WARM_POOL
     from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
 
@@ -511,8 +512,8 @@ def platform_document() -> dict[str, Any]:
             "port": Settings.model_fields["request_port"].default,
             "databaseUrlEnv": env_name("request_database_url"),
             "authStringEnv": env_name("auth_string"),
-            "drainerModule": "taskserver.platform.request_lane.drainer",
-            "endpointModule": "taskserver.platform.request_lane.http",
+            "drainerModule": DRAINER_MODULE,
+            "endpointModule": ENDPOINT_MODULE,
         },
     }
 

@@ -23,6 +23,7 @@ from taskserver.errors import TaskserverError
 from taskserver.platform.client_env import CLIENT_ENV, prefect_results_env
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.local_postgres import HOME_DATA_DIR, LocalPostgres
+from taskserver.platform.request_lane import DRAINER_MODULE, ENDPOINT_MODULE
 from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, PROCESS_WORKER_TYPE, Pool
 from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
 from taskserver.settings import env_name, get_settings
@@ -30,7 +31,7 @@ from taskserver.settings import env_name, get_settings
 DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
 WORKER_SLOTS = 2
-POLL_SECONDS = WARM_POLL_SECONDS = FALLBACK_POLL_SECONDS
+POLL_SECONDS = FALLBACK_POLL_SECONDS
 """Fallback polls only: workers poll the moment a run of their pool changes state
 (``taskserver.platform.wakeup``), so a slow timed poll costs no latency, and the idle stack less CPU."""
 SERVER_START_TIMEOUT = 120.0
@@ -333,15 +334,12 @@ def _start_workers(paths: StackPaths, env: dict[str, str], slots: int, warm_slot
     for pool in ALL_POOLS:
         pool_slots = warm_slots if pool.worker_type else slots
         argv, worker_marker = _worker_argv(pool, pool_slots)
-        pool_env = dict(env)
-        if pool.worker_type:
-            pool_env["PREFECT_WORKER_QUERY_SECONDS"] = f"{WARM_POLL_SECONDS:g}"
-        _spawn(paths, f"worker-{pool.name}", argv, pool_env, worker_marker)
+        _spawn(paths, f"worker-{pool.name}", argv, env, worker_marker)
     job_pools = ", ".join(p.name for p in ALL_POOLS if not p.worker_type)
     warm_pools = ", ".join(p.name for p in ALL_POOLS if p.worker_type)
     echo(f"workers started: {job_pools} ({slots} slots each); warm lane {warm_pools} ({warm_slots} warm"
          f" interpreters); each polls when a run of its pool changes state (fallback poll every"
-         f" {POLL_SECONDS:g}s / {WARM_POLL_SECONDS:g}s;"
+         f" {POLL_SECONDS:g}s;"
          " ready once the model is loaded)")
 
 
@@ -351,16 +349,15 @@ def _start_request_lane(paths: StackPaths, env: dict[str, str], db_url: str, ech
         echo("request lane: not started (it needs PostgreSQL; this stack uses SQLite)")
         return
     lane_env = {**env, env_name("request_database_url"): db_url}
-    module = "taskserver.platform.request_lane"
-    _spawn(paths, REQUEST_DRAINER, [sys.executable, "-m", f"{module}.drainer", "--name", f"local-{paths.home.name}"],
-           lane_env, f"{module}.drainer")
+    _spawn(paths, REQUEST_DRAINER, [sys.executable, "-m", DRAINER_MODULE, "--name", f"local-{paths.home.name}"],
+           lane_env, DRAINER_MODULE)
     port = get_settings().request_port
     if _port_taken(port):
         echo(f"request lane: drainer started; endpoint not started, port {port} is taken"
              f" (set {env_name('request_port')})")
         return
-    _spawn(paths, REQUEST_ENDPOINT, [sys.executable, "-m", f"{module}.http", "--port", str(port)], lane_env,
-           f"{module}.http")
+    _spawn(paths, REQUEST_ENDPOINT, [sys.executable, "-m", ENDPOINT_MODULE, "--port", str(port)], lane_env,
+           ENDPOINT_MODULE)
     echo(f"request lane: drainer and endpoint http://{HOST}:{port}/requests (logs: {paths.log(REQUEST_DRAINER)})")
 
 

@@ -24,7 +24,7 @@ import typer
 
 from taskserver import commands
 from taskserver.errors import TaskserverError
-from taskserver.platform.request_lane import queue
+from taskserver.platform.request_lane import DRAINER_MODULE, queue
 from taskserver.platform.request_lane.batches import error_record, run_batch, warm_up
 from taskserver.platform.request_lane.catalogue import PreparedRequest, prepare
 from taskserver.platform.request_lane.client import database_url
@@ -239,7 +239,7 @@ def drain(
 
 
 def main(argv: list[str] | None = None) -> None:
-    commands.run(drain, argv, prog="python -m taskserver.platform.request_lane.drainer")
+    commands.run(drain, argv, prog=f"python -m {DRAINER_MODULE}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from taskserver import commands
 from taskserver.errors import ParameterError, RequestTimeoutError, TaskserverError
 from taskserver.platform.priorities import DEFAULT_PRIORITY
-from taskserver.platform.request_lane import queue
+from taskserver.platform.request_lane import ENDPOINT_MODULE, queue
 from taskserver.platform.request_lane.batches import error_record
 from taskserver.platform.request_lane.client import AsyncRequestClient, item
 from taskserver.platform.request_lane.catalogue import prepare
@@ -162,7 +162,7 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    commands.run(serve, argv, prog="python -m taskserver.platform.request_lane.http")
+    commands.run(serve, argv, prog=f"python -m {ENDPOINT_MODULE}")
 
 
 if __name__ == "__main__":
