@@ -21,6 +21,22 @@ def _first_starts(records) -> dict[str, float]:
     return {label: s[0]["started"] for label, s in starts.items()}
 
 
+def _order_evidence(records, worker_log) -> str:
+    """For a failed order assertion: the body start order, and the worker's lines about each run."""
+    starts = {label: found[0] for label, found in read_starts(records).items()}
+    first = min(record["started"] for record in starts.values())
+    order = sorted(starts.items(), key=lambda item: item[1]["started"])
+    labels = {record["flow_run_id"]: label for label, record in starts.items()}
+    lines = []
+    for line in worker_log.read_text(errors="replace").splitlines():
+        if any(word in line for word in ("submitting", "Waiting for", "Requeued", "exited", "Crash", "rror")):
+            for run_id, label in labels.items():
+                line = line.replace(run_id, label)
+            lines.append(line)
+    return ("body starts: " + ", ".join(f"{label}@{r['started'] - first:.1f}s" for label, r in order)
+            + "\nworker log:\n" + "\n".join(lines[-80:]))
+
+
 def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
     current = peak = 0
@@ -38,14 +54,15 @@ def test_backlog_every_critical_run_starts_before_any_normal_or_low_run(start_wo
     for i in range(3):
         submit("probe", "critical", probe_params(f"critical{i}", records))
 
-    start_worker("cpu", slots=2)
+    worker = start_worker("cpu", slots=2)
     wait_until(lambda: len(read_done(records)) == 23, timeout=300, what="23 probe runs to finish")
 
     started = _first_starts(records)
     by_level = {lvl: [t for label, t in started.items() if label.startswith(lvl)]
                 for lvl in ("critical", "normal", "low")}
-    assert max(by_level["critical"]) < min(by_level["normal"] + by_level["low"])
-    assert max(by_level["normal"]) < min(by_level["low"])
+    why = _order_evidence(records, worker.log)  # this test failed once in CI without a trace
+    assert max(by_level["critical"]) < min(by_level["normal"] + by_level["low"]), why
+    assert max(by_level["normal"]) < min(by_level["low"]), why
 
 
 def test_critical_arrivals_under_load_start_ahead_of_every_waiting_lower_run(start_worker, records):
