@@ -706,3 +706,35 @@ def test_a_pool_and_the_warm_worker_can_run_a_task_packages_image() -> None:
     # Without the values: the catalogue's images everywhere.
     plain = render("default-values.yaml")
     assert warm_container(plain)["image"].endswith("/taskserver-cpu:0.1.0")
+
+
+def _raw_job_options(objects) -> dict[str, Any]:
+    (configmap,) = [c for c in of_kind(objects, "ConfigMap") if "job-options" in c["metadata"]["name"]]
+    return json.loads(configmap["data"]["job-options.json"])
+
+
+def test_job_ttl_and_pod_watch_timeout_default_to_the_codes_and_set_values_win() -> None:
+    defaults = {name: PoolJobOptions.model_fields[name].default for name in ("finished_job_ttl", "pod_watch_timeout_seconds")}
+    raw = _raw_job_options(render("default-values.yaml"))
+    for pool in POOLS:  # null in values.yaml: the code's default, written out for every pool
+        assert {name: raw[pool.name][name] for name in defaults} == defaults
+    objects = render("default-values.yaml", "workers.defaults.job.finishedJobTTL=0",
+                     "workers.gpu.job.podWatchTimeoutSeconds=1800")
+    assert job_options(objects, "cpu").finished_job_ttl == 0  # 0 (delete at once) is a value, not "unset"
+    assert job_options(objects, "gpu").pod_watch_timeout_seconds == 1800
+    assert job_options(objects, "cpu").pod_watch_timeout_seconds == defaults["pod_watch_timeout_seconds"]
+
+
+def test_job_resources_and_kueue_queue_default_to_the_codes_per_field() -> None:
+    from taskserver.platform.kubernetes import KueueOptions, default_options
+
+    objects = render("default-values.yaml")
+    for pool in POOLS:  # nothing set: each pool's resources are default_options(pool)'s
+        assert job_options(objects, pool.name).resources == default_options(pool).resources
+    objects = render("default-values.yaml", "workers.cpu.job.resources.memoryLimit=8Gi")
+    cpu = next(p for p in POOLS if not p.gpu)
+    assert job_options(objects, "cpu").resources == default_options(cpu).resources.model_copy(update={"memory_limit": "8Gi"})
+    objects = render("gpu-kueue-values.yaml", "kueue.localQueue=null")
+    (local_queue,) = of_kind(objects, "LocalQueue")
+    assert local_queue["metadata"]["name"] == KueueOptions.model_fields["queue_name"].default
+    assert job_options(objects, "gpu").kueue.queue_name == local_queue["metadata"]["name"]

@@ -161,6 +161,7 @@ capabilities:
 {{- $values := include "taskserver.workerValues" (dict "root" $root "pool" $pool) | fromJson -}}
 {{- $job := $values.job | default dict -}}
 {{- $resources := $job.resources | default dict -}}
+{{- $code := $pool.jobResources | default dict -}}
 {{- $imageName := ternary "gpu" "cpu" $pool.gpu -}}
 {{- $priority := $job.defaultPriority -}}
 {{- if not $priority -}}
@@ -177,10 +178,10 @@ capabilities:
       "service_account_name" (printf "%s-%s-job" (include "taskserver.fullname" $root) $pool.name)
       "priority" $priority
       "priority_class_prefix" $root.Values.priorityClasses.namePrefix
-      "finished_job_ttl" $job.finishedJobTTL
-      "pod_watch_timeout_seconds" $job.podWatchTimeoutSeconds
-      "resources" (dict "cpu_request" $resources.cpuRequest "cpu_limit" $resources.cpuLimit "memory_request" $resources.memoryRequest "memory_limit" $resources.memoryLimit)
-      "kueue" (dict "enabled" $root.Values.kueue.enabled "queue_name" $root.Values.kueue.localQueue)
+      "finished_job_ttl" (ternary $platform.defaults.finishedJobTTL $job.finishedJobTTL (kindIs "invalid" $job.finishedJobTTL))
+      "pod_watch_timeout_seconds" (ternary $platform.defaults.podWatchTimeoutSeconds $job.podWatchTimeoutSeconds (kindIs "invalid" $job.podWatchTimeoutSeconds))
+      "resources" (dict "cpu_request" ($resources.cpuRequest | default $code.cpuRequest) "cpu_limit" ($resources.cpuLimit | default $code.cpuLimit) "memory_request" ($resources.memoryRequest | default $code.memoryRequest) "memory_limit" ($resources.memoryLimit | default $code.memoryLimit))
+      "kueue" (dict "enabled" $root.Values.kueue.enabled "queue_name" ($root.Values.kueue.localQueue | default $platform.defaults.kueueLocalQueue))
 -}}
 {{- if $pool.gpu -}}
 {{- $_ := set $entry "gpu_type" $job.gpuType -}}

@@ -461,6 +461,15 @@ def write_job_templates(
     return written
 
 
+def _camel(model: BaseModel) -> dict[str, Any]:
+    """A model's fields as the chart's values spell them (``cpu_request`` -> ``cpuRequest``)."""
+    def camel(name: str) -> str:
+        head, *rest = name.split("_")
+        return head + "".join(part.title() for part in rest)
+
+    return {camel(name): value for name, value in model.model_dump().items()}
+
+
 def platform_document() -> dict[str, Any]:
     """What the Helm chart reads from ``files/platform.json``: priorities, GPUs, pools, users.
 
@@ -489,7 +498,9 @@ def platform_document() -> dict[str, Any]:
         "gpus": [gpu.as_dict() for gpu in GPUS],
         "gpuResource": GPU_RESOURCE,
         "gpuTypeLabel": GPU_TYPE_LABEL,
-        "pools": [{"name": pool.name, "gpu": pool.gpu} for pool in POOLS],
+        # Each pool's job resources when values.yaml leaves them empty (default_options).
+        "pools": [{"name": pool.name, "gpu": pool.gpu, "jobResources": _camel(default_options(pool).resources)}
+                  for pool in POOLS],
         # The warm lane's pool: a long-running worker of its own type, not Jobs (chart: warm.*).
         "warmPool": {"name": WARM_POOL.name, "workerType": WARM_POOL.worker_type},
         # Prefect results under the shared data location, as SharedData.env() gives jobs.
@@ -506,6 +517,9 @@ def platform_document() -> dict[str, Any]:
             "recoveryIntervalSeconds": recovery.DEFAULT_INTERVAL_SECONDS,
             "recoveryMaxAttempts": recovery.DEFAULT_MAX_ATTEMPTS,
             "recoveryLookbackHours": recovery.DEFAULT_LOOKBACK.total_seconds() / 3600,
+            "finishedJobTTL": PoolJobOptions.model_fields["finished_job_ttl"].default,
+            "podWatchTimeoutSeconds": PoolJobOptions.model_fields["pod_watch_timeout_seconds"].default,
+            "kueueLocalQueue": KueueOptions.model_fields["queue_name"].default,
         },
         # The request lane's drainer and endpoint (chart: requestLane.*), from taskserver.settings.
         "requestLane": {
