@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Any, Callable
 from uuid import UUID
 
+import psutil
+
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -116,36 +118,14 @@ FULL = Scale(idle_runs=16, idle_runs_slow_poll=6, lows=10, normals=10, criticals
 
 # -- processes --------------------------------------------------------------------------------
 
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(ppid, start time) of a live process, or None."""
+def descendants(root: int) -> list[psutil.Process]:
+    """Live descendants of ``root``: flow subprocesses may lead their own sessions, so killing the
+    worker's group alone could leave them behind. psutil's Process remembers each one's start time,
+    so a later signal never reaches a reused pid."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(") ", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] == "Z":
-        return None
-    return int(fields[1]), int(fields[19])
-
-
-def descendants(root: int) -> dict[int, int]:
-    """Live descendants of ``root`` as {pid: start time}: flow subprocesses may lead their own sessions,
-    so killing the worker's group alone could leave them behind."""
-    children: dict[int, list[int]] = {}
-    starts: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat:
-                children.setdefault(stat[0], []).append(int(entry))
-                starts[int(entry)] = stat[1]
-    found: dict[int, int] = {}
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found[child] = starts[child]
-            stack.append(child)
-    return found
+        return psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def kill_tree(process: subprocess.Popen | None, grace: float = 15.0) -> None:
@@ -165,14 +145,12 @@ def kill_tree(process: subprocess.Popen | None, grace: float = 15.0) -> None:
         except ProcessLookupError:
             pass
         process.wait(timeout=10)
-    time.sleep(0.2)
-    for pid, started in tree.items():
-        stat = _proc_stat(pid)
-        if stat and stat[1] == started:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for child in tree:
+        try:
+            child.kill()  # psutil checks the start time first: a reused pid is left alone
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=5)
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:

@@ -103,14 +103,11 @@ def state_histories(ids: list[str]) -> dict[str, list[tuple[str, float]]]:
 
 
 def vm_rss_mb(pid: int) -> float:
-    """VmRSS of one process from /proc/<pid>/status, in MB (0 once it is gone)."""
+    """Resident memory of one process, in MB (0 once it is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0.0
+        return psutil.Process(pid).memory_info().rss / 1024 / 1024
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def tree_rss_mb(pid: int) -> float:

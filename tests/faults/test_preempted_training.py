@@ -8,7 +8,6 @@ import json
 import random
 import re
 import signal
-import time
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ and the reason. Mixed batches keep every good result. `taskserver submit` and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 from collections.abc import Callable

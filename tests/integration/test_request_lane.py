@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid

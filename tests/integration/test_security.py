@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import socket
 import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from platform_support import BIN, base_env, free_port, local_postgres
@@ -48,23 +48,9 @@ def _request(url: str, body: dict | None = None, auth: str | None = None) -> tup
 
 
 def _listening_addresses(port: int) -> list[str]:
-    """Local addresses of the TCP sockets listening on ``port`` (IPv4 and IPv6), from /proc/net."""
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            address, port_hex = fields[1].split(":")
-            if int(port_hex, 16) == port and fields[3] == "0A":  # 0A: LISTEN
-                if len(address) == 8:
-                    found.append(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
-                else:
-                    words = [bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, 32, 8)]
-                    found.append(socket.inet_ntop(socket.AF_INET6, b"".join(words)))
-    return found
+    """Local addresses of the TCP sockets listening on ``port`` (IPv4 and IPv6)."""
+    return [conn.laddr.ip for conn in psutil.net_connections(kind="tcp")
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port]
 
 
 def _own_non_loopback_ipv4() -> list[str]:

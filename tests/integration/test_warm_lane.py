@@ -3,12 +3,10 @@ kept warm. Every run goes through the real `taskserver-warm` worker and its inte
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from platform_support import (
@@ -100,26 +98,20 @@ def warm(start_worker, tmp_path):
 
 def _interpreter_pids(worker: WorkerProcess) -> list[int]:
     pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for child in psutil.Process(worker.process.pid).children():
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
+            if any("warm_interpreter" in part for part in child.cmdline()):
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == worker.process.pid and b"warm_interpreter" in cmdline:
-            pids.append(int(entry.name))
     return pids
 
 
 def _rss_mb(pid: int) -> float:
     try:
-        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    except (OSError, ValueError, IndexError):
+        return psutil.Process(pid).memory_info().rss / 1e6
+    except psutil.NoSuchProcess:
         return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def test_a_crashing_run_takes_only_its_interpreter_and_is_marked_crashed(warm, records):

@@ -155,3 +155,33 @@ def test_interpreters_are_recycled_by_runs_and_by_memory():
         return len(spawned), pool.recycled
 
     assert anyio.run(scenario) == (1, 1)
+
+
+def test_an_interpreter_that_cannot_start_is_retried_with_back_off_until_it_can(caplog):
+    """Real interpreter processes: the first ones die at start-up (PYTHONHOME names no directory)."""
+    from taskserver.platform.warm import interpreter_env
+
+    broken = {**interpreter_env(), "PYTHONHOME": "/nonexistent-python-home"}
+    pool = InterpreterPool(1, broken, max_runs=100, max_rss_mb=1e9, logger=logging.getLogger("test.warm"))
+    failures = lambda: [r.getMessage() for r in caplog.records if "Could not start" in r.getMessage()]  # noqa: E731
+
+    async def scenario() -> int:
+        async with anyio.create_task_group() as group:
+            await pool.open(group)
+            with anyio.fail_after(60):
+                while len(failures()) < 2:
+                    await anyio.sleep(0.05)
+            pool.env.pop("PYTHONHOME")  # the cause goes away: the next attempt starts
+            with anyio.fail_after(120):
+                async with pool.lease(priority=1) as interpreter:
+                    pid = interpreter.pid
+                    assert interpreter.alive
+            await pool.close()
+        return pid
+
+    with caplog.at_level(logging.ERROR, logger="test.warm"):
+        pid = anyio.run(scenario)
+    assert pid > 0
+    first, second = failures()[:2]
+    assert first.endswith("retrying in 1s") and second.endswith("retrying in 2s")  # back-off doubles
+    assert "(warm interpreter exited with code 1)" in first  # the cause, not a bare "failed"

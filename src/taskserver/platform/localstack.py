@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from taskserver.errors import TaskserverError
 from taskserver.platform.client_env import CLIENT_ENV, prefect_results_env
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
@@ -99,23 +101,31 @@ def components() -> list[str]:
 
 
 def _worker_argv(pool: Pool, slots: int) -> tuple[list[str], str]:
-    """The command that serves ``pool`` locally, and the marker that finds it in /proc."""
+    """The command that serves ``pool`` locally, and the marker its command line holds."""
     module = "taskserver.platform.serve"  # the warm pool gets the warm lane's worker
     return [sys.executable, "-m", module, pool.name, str(slots), f"local-{pool.name}"], f"{module} {pool.name}"
 
 
-def _alive(pid: int) -> bool:
+def _process(record: dict) -> psutil.Process | None:
+    """The live process a pid file names, or None when it has gone, is a zombie, or its pid was
+    reused: the process must still have the start time recorded at spawn, and the marker in its
+    command line."""
+    pid = record.get("pid")
+    if not isinstance(pid, int):
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is not running
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        created = record.get("created")
+        if created is not None and abs(process.create_time() - float(created)) > 0.01:
+            return None  # the pid belongs to a newer process
+        cmdline = " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:  # alive, but not ours to read: trust the start time alone
+        return process
+    return process if record.get("marker", "") in cmdline else None
 
 
 def _read_pid(path: Path) -> dict | None:
@@ -125,16 +135,14 @@ def _read_pid(path: Path) -> dict | None:
         return None
 
 
+def _write_pid(path: Path, pid: int, marker: str) -> None:
+    """A pid file: the pid, a marker of its command line, and its start time (a reused pid has another)."""
+    path.write_text(json.dumps({"pid": pid, "marker": marker, "created": psutil.Process(pid).create_time()}))
+
+
 def _ours(record: dict) -> bool:
     """The pid is still the process we started (not a reused pid)."""
-    pid = record.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return True
-    return record.get("marker", "") in cmdline
+    return _process(record) is not None
 
 
 def running_components(paths: StackPaths) -> dict[str, bool]:
@@ -181,7 +189,7 @@ def _spawn(paths: StackPaths, component: str, argv: list[str], env: dict[str, st
         start_new_session=True, cwd=str(paths.home),
     )
     log.close()
-    paths.pidfile(component).write_text(json.dumps({"pid": process.pid, "marker": marker}))
+    _write_pid(paths.pidfile(component), process.pid, marker)
     return process.pid
 
 
@@ -371,7 +379,7 @@ def _start_database(paths: StackPaths, database: str, echo) -> str:
     postgres = paths.postgres
     pid = postgres.start()
     paths.run.mkdir(parents=True, exist_ok=True)
-    paths.pidfile(POSTGRES).write_text(json.dumps({"pid": pid, "marker": str(postgres.data_dir)}))
+    _write_pid(paths.pidfile(POSTGRES), pid, str(postgres.data_dir))
     echo(f"PostgreSQL started: data in {postgres.data_dir}, socket in {postgres.socket_dir}"
          f" (logs: {postgres.log})")
     return postgres.url
@@ -412,11 +420,12 @@ def down(home: Path | None = None, echo=print) -> list[str]:
         record = _read_pid(pidfile)
         if record is None:
             continue
-        if _ours(record):
+        process = _process(record)
+        if process is not None:
             if component == POSTGRES:
                 paths.postgres.stop()  # a fast shutdown, never a kill
             else:
-                _terminate(record["pid"])
+                _terminate(process)
             stopped.append(component)
             echo(f"stopped {component} (pid {record['pid']})")
         pidfile.unlink(missing_ok=True)
@@ -426,26 +435,22 @@ def down(home: Path | None = None, echo=print) -> list[str]:
     return stopped
 
 
-def _terminate(pid: int) -> None:
-    # Each component leads its own session (start_new_session), so its group is exactly it
-    # and the flow-run subprocesses it started.
+def _terminate(process: psutil.Process) -> None:
+    """SIGTERM to the component's process group, SIGKILL to it after ``STOP_TIMEOUT``.
+
+    Each component leads its own session (start_new_session), so its group is exactly it and
+    the flow-run subprocesses it started. ``wait`` reaps it when it is our child.
+    """
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=STOP_TIMEOUT)
+    except (ProcessLookupError, psutil.NoSuchProcess):
         return
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while time.monotonic() < deadline:
+    except psutil.TimeoutExpired:
         try:
-            finished, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            finished = 0 if _alive(pid) else pid
-        if finished == pid or not _alive(pid):
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def stack_api_url(home: Path | None = None) -> str | None:

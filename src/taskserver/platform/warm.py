@@ -39,6 +39,7 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 from prefect.client.schemas.objects import FlowRun
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential
 
 from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV, emit_run_heartbeat
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, QueuePriorityMixin
@@ -208,15 +209,15 @@ class InterpreterPool:
         self._group.start_soon(self._start_one)
 
     async def _start_one(self) -> None:
-        delay = 1.0
-        while True:
-            try:
-                interpreter = await Interpreter.start(self.env)
-                break
-            except Exception as exc:  # e.g. the machine is out of memory: keep trying, slower
-                self.logger.error(f"Could not start a warm interpreter ({exc}); retrying in {delay:.0f}s")
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 60.0)
+        def report(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            self.logger.error(f"Could not start a warm interpreter ({error}); retrying in {wait:.0f}s")
+
+        # e.g. the machine is out of memory: keep trying, slower (1 s doubling to a minute)
+        retrying = AsyncRetrying(wait=wait_exponential(multiplier=1, min=1, max=60), before_sleep=report,
+                                 sleep=anyio.sleep, reraise=True)
+        interpreter = await retrying(Interpreter.start, self.env)
         self._starting -= 1
         self.logger.info(
             f"Warm interpreter {interpreter.number} (pid {interpreter.pid}) ready in"

@@ -34,13 +34,9 @@ def _die_with_parent() -> None:
 
 
 def rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-    except (OSError, ValueError, IndexError):
-        import resource
+    import psutil
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    return psutil.Process().memory_info().rss / 1e6
 
 
 def preload(names: list[str]) -> None:

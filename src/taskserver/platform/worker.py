@@ -21,6 +21,7 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+from tenacity import AsyncRetrying, retry_if_not_exception_type, wait_fixed
 
 from taskserver import commands
 from taskserver.platform import job_engine
@@ -96,30 +97,33 @@ class PriorityProcessWorker(WakeOnRunEvents, QueuePriorityMixin, ProcessWorker):
     async def _requeue_if_never_started(self, flow_run: FlowRun) -> bool:
         """A process that died before its run left Pending (typically: the API was down while
         it started) would leave the run Pending forever. Put it back in its queue instead; its
-        body never ran, so this cannot run it twice."""
+        body never ran, so this cannot run it twice. Waits up to ``REQUEUE_API_WAIT_SECONDS``
+        for the API to answer."""
         count = self._requeues.get(flow_run.id, 0)
         if count >= MAX_REQUEUES:
             return False
-        logger = self.get_flow_run_logger(flow_run)
+        retrying = AsyncRetrying(  # the API may still be coming back; a deleted run needs nothing
+            retry=retry_if_not_exception_type(ObjectNotFound), wait=wait_fixed(2), sleep=anyio.sleep, reraise=True,
+        )
         with anyio.move_on_after(REQUEUE_API_WAIT_SECONDS):
-            while True:
-                try:
-                    current = await self.client.read_flow_run(flow_run.id)
-                    if current.state_type != StateType.PENDING:
-                        return False
-                    await self.client.set_flow_run_state(
-                        flow_run.id,
-                        Scheduled(message="Requeued: its process exited before the flow started"),
-                        force=True,
-                    )
-                    self._requeues[flow_run.id] = count + 1
-                    logger.warning("Process exited before the flow started; run requeued")
-                    return True
-                except ObjectNotFound:  # the run was deleted meanwhile: nothing to requeue
-                    return False
-                except Exception:  # the API may still be coming back
-                    await anyio.sleep(2)
+            try:
+                requeued = await retrying(self._requeue_if_pending, flow_run)
+            except ObjectNotFound:
+                return False
+            if requeued:
+                self._requeues[flow_run.id] = count + 1
+                self.get_flow_run_logger(flow_run).warning("Process exited before the flow started; run requeued")
+            return requeued
         return False
+
+    async def _requeue_if_pending(self, flow_run: FlowRun) -> bool:
+        current = await self.client.read_flow_run(flow_run.id)
+        if current.state_type != StateType.PENDING:
+            return False
+        await self.client.set_flow_run_state(
+            flow_run.id, Scheduled(message="Requeued: its process exited before the flow started"), force=True,
+        )
+        return True
 
     def _blockers(self, flow_run: FlowRun) -> list[UUID]:
         mine = self._awaiting_start.get(flow_run.id, self._priority_of(flow_run))

@@ -21,6 +21,7 @@ from typing import Annotated, Optional
 
 import asyncpg
 import typer
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 from taskserver import commands
 from taskserver.errors import TaskserverError
@@ -186,14 +187,19 @@ class Drainer:
 
     async def _write(self, batch_id: uuid.UUID, outcomes: list[queue.Outcome]) -> list[uuid.UUID]:
         """Store the batch's outcomes, waiting out a database outage (the write is idempotent)."""
-        while True:
-            try:
-                assert self.pool is not None
-                async with self.pool.acquire() as conn:
-                    return await queue.complete(conn, batch_id, outcomes)
-            except _DATABASE_ERRORS as exc:
-                log.warning("batch %s: results not written yet (%s); retrying", batch_id, exc)
-                await asyncio.sleep(RECONNECT_SECONDS)
+
+        def report(state: RetryCallState) -> None:
+            log.warning("batch %s: results not written yet (%s); retrying", batch_id,
+                        state.outcome.exception() if state.outcome else "?")
+
+        retrying = AsyncRetrying(retry=retry_if_exception_type(_DATABASE_ERRORS),
+                                 wait=wait_fixed(RECONNECT_SECONDS), before_sleep=report, reraise=True)
+        return await retrying(self._complete, batch_id, outcomes)
+
+    async def _complete(self, batch_id: uuid.UUID, outcomes: list[queue.Outcome]) -> list[uuid.UUID]:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            return await queue.complete(conn, batch_id, outcomes)
 
 
 def drain_batch(batch: Sequence[queue.RequestRecord]) -> list[queue.Outcome]:
