@@ -738,3 +738,35 @@ def test_job_resources_and_kueue_queue_default_to_the_codes_per_field() -> None:
     (local_queue,) = of_kind(objects, "LocalQueue")
     assert local_queue["metadata"]["name"] == KueueOptions.model_fields["queue_name"].default
     assert job_options(objects, "gpu").kueue.queue_name == local_queue["metadata"]["name"]
+
+
+def test_names_labels_and_pod_placement_follow_the_platform_teams_values() -> None:
+    objects = render("placement-values.yaml")
+    values = yaml.safe_load((CHART / "ci" / "placement-values.yaml").read_text())
+    for obj in objects:  # every object of the release carries the team's label and the chart's new name
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("team.example.com/owner") == "ml-platform", f"{obj['kind']}/{obj['metadata']['name']}"
+        assert labels.get("app.kubernetes.io/name") == "tasks"
+    # Every namespaced object is named from fullnameOverride; PriorityClasses (the model's names,
+    # priorityClasses.namePrefix) and the jobs namespace (jobs.namespace) are cluster-wide on purpose.
+    unprefixed = {obj["kind"] for obj in objects if not obj["metadata"]["name"].startswith("ml-tasks-")}
+    assert unprefixed == {"PriorityClass", "Namespace"}
+    (server,) = [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"] == "ml-tasks-server"]
+    pod = server["spec"]["template"]
+    assert pod["metadata"]["annotations"] == values["server"]["podAnnotations"]
+    assert pod["spec"]["affinity"] == values["server"]["affinity"]
+    assert pod["spec"]["topologySpreadConstraints"] == values["server"]["topologySpreadConstraints"]
+    assert server["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "tasks"
+    assert "team.example.com/owner" not in server["spec"]["selector"]["matchLabels"]  # selectors stay stable
+    workers = [d for d in of_kind(objects, "Deployment") if "-worker-" in d["metadata"]["name"]]
+    assert sorted(d["metadata"]["name"] for d in workers) == sorted(f"ml-tasks-worker-{p.name}" for p in POOLS)
+    for worker in workers:
+        spec = worker["spec"]["template"]["spec"]
+        assert spec["nodeSelector"] == values["workers"]["defaults"]["nodeSelector"]
+        assert spec["tolerations"] == values["workers"]["defaults"]["tolerations"]
+        assert worker["spec"]["template"]["metadata"]["annotations"] == values["workers"]["defaults"]["podAnnotations"]
+    assert warm_deployment(objects)["spec"]["template"]["spec"]["affinity"] == values["warm"]["affinity"]
+    # Nothing set: no empty keys in the default install's pods
+    default_server = next(d for d in of_kind(render("default-values.yaml"), "Deployment") if d["metadata"]["name"].endswith("-server"))
+    assert not {"affinity", "topologySpreadConstraints"} & set(default_server["spec"]["template"]["spec"])
+    assert "annotations" not in default_server["spec"]["template"]["metadata"]
