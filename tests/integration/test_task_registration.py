@@ -139,3 +139,31 @@ def test_an_installed_task_runs_at_its_priorities_on_both_lanes_and_fails_bad_in
                   "--wait", "--timeout", "300", timeout=350)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "state:      Failed" in failed.stdout and "texts[1]" in failed.stdout and "blank text" in failed.stdout
+
+
+def test_an_installed_tasks_critical_runs_start_ahead_of_a_built_in_backlog(site, server, start_worker, tmp_path):
+    """One job-lane slot, saturated: built-in `encode` low runs queued first, then the installed
+    task at critical. Every critical run must start before any waiting low run."""
+    from taskserver.platform.submission import status
+
+    from server_context import use_server
+
+    env = _env(site, server)
+    booted = _cli(env, "bootstrap")
+    assert booted.returncode == 0, booted.stdout + booted.stderr
+
+    def submit(task: str, priority: str, texts: list[str]) -> str:
+        done = _cli(env, "submit", task, "-p", priority, "--lane", "job", "--param", f"texts={json.dumps(texts)}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout.splitlines()[0].strip()
+
+    low = [submit("encode", "low", [f"backlog text {i}"]) for i in range(3)]
+    critical = [submit("extract-keywords", "critical", TEXTS) for _ in range(2)]
+    start_worker("cpu", slots=1, api_url=server.api_url, env={"PYTHONPATH": str(site)})
+
+    with use_server(server.api_url):
+        wait_until(lambda: all(status(r).is_final for r in low + critical), timeout=600, what="all five runs to finish")
+        final = {run_id: status(run_id) for run_id in low + critical}
+    assert {s.state_type for s in final.values()} == {"COMPLETED"}, {r: s.message for r, s in final.items()}
+    last_critical = max(final[r].start_time for r in critical)
+    assert all(last_critical < final[r].start_time for r in low), {r: s.start_time for r, s in final.items()}
