@@ -48,6 +48,10 @@ RUN_AS_USER = 10001
 """The non-root user of both images (images/Dockerfile.*); the chart uses the same id."""
 POD_WATCH_TIMEOUT_SECONDS = 900
 """Long enough for a GPU node to scale up from zero before the worker gives up on the pod."""
+DEFAULT_KUEUE_QUEUE = "taskserver"
+"""The Kueue LocalQueue a job is labelled for unless its pool's options (the chart's kueue.localQueue) say otherwise."""
+MAX_GPUS_PER_JOB = 8
+"""One node's GPUs at most: a job's pod cannot span nodes."""
 JOB_OPTIONS_ENV = env_name("k8s_job_options")
 """Path of a JSON file ``{pool name: PoolJobOptions}``; the chart's bootstrap hook sets it."""
 OBJECT_STORE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -106,13 +110,13 @@ class GpuJobVariables(JobVariables):
         description="A GPU from taskserver's catalogue; the pod runs on nodes labelled with it.",
     )
     gpu_count: int = Field(
-        default=1, ge=1, le=8, title="GPU Count", description=f"How many {GPU_RESOURCE} the pod requests."
+        default=1, ge=1, le=MAX_GPUS_PER_JOB, title="GPU Count", description=f"How many {GPU_RESOURCE} the pod requests."
     )
 
 
 class KueueJobVariables(BaseModel):
     kueue_queue_name: str = Field(
-        default="taskserver",
+        default=DEFAULT_KUEUE_QUEUE,
         title="Kueue LocalQueue",
         description="The Kueue LocalQueue that admits the job (label kueue.x-k8s.io/queue-name).",
     )
@@ -188,7 +192,7 @@ class KueueOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
-    queue_name: str = "taskserver"
+    queue_name: str = DEFAULT_KUEUE_QUEUE
 
 
 class PoolJobOptions(BaseModel):
@@ -206,7 +210,7 @@ class PoolJobOptions(BaseModel):
     """Put before the model's PriorityClass names in the pod (the chart's
     ``priorityClasses.namePrefix``); job variables keep the model's names."""
     gpu_type: str = DEFAULT_GPU
-    gpu_count: int = Field(default=1, ge=1, le=8)
+    gpu_count: int = Field(default=1, ge=1, le=MAX_GPUS_PER_JOB)
     finished_job_ttl: int | None = Field(default=3600, ge=0)
     pod_watch_timeout_seconds: int = Field(default=POD_WATCH_TIMEOUT_SECONDS, ge=1)
     node_selector: dict[str, str] = Field(default_factory=dict)
