@@ -29,7 +29,7 @@ def _order_evidence(records, worker_log) -> str:
     labels = {record["flow_run_id"]: label for label, record in starts.items()}
     lines = []
     for line in worker_log.read_text(errors="replace").splitlines():
-        if any(word in line for word in ("submitting", "Waiting for", "Requeued", "exited", "Crash", "rror")):
+        if any(word in line for word in ("submitting", "Waiting for", "Requeued", "exited", "Crash", "rror", "bort", "eject", "WARNING")):
             for run_id, label in labels.items():
                 line = line.replace(run_id, label)
             lines.append(line)
