@@ -137,7 +137,11 @@ def _read_pid(path: Path) -> dict | None:
 
 def _write_pid(path: Path, pid: int, marker: str) -> None:
     """A pid file: the pid, a marker of its command line, and its start time (a reused pid has another)."""
-    path.write_text(json.dumps({"pid": pid, "marker": marker, "created": psutil.Process(pid).create_time()}))
+    try:
+        created: float | None = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:  # already gone: the start-up check that follows reports it
+        created = None
+    path.write_text(json.dumps({"pid": pid, "marker": marker, "created": created}))
 
 
 def _ours(record: dict) -> bool:
@@ -442,15 +446,18 @@ def _terminate(process: psutil.Process) -> None:
     the flow-run subprocesses it started. ``wait`` reaps it when it is our child.
     """
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:  # not a group leader after all: stop the process alone
+            process.terminate()
         process.wait(timeout=STOP_TIMEOUT)
-    except (ProcessLookupError, psutil.NoSuchProcess):
+    except psutil.NoSuchProcess:
         return
     except psutil.TimeoutExpired:
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            process.kill()
 
 
 def stack_api_url(home: Path | None = None) -> str | None:
