@@ -152,7 +152,7 @@ def model_restore(
 @request_app.command("submit")
 @_friendly
 def request_submit(
-    task: str = typer.Argument(..., help="encode or infer."),
+    task: str = typer.Argument(..., help="A task that serves requests (`taskserver tasks`: REQUESTS yes), e.g. encode or infer."),
     priority: str = typer.Option(DEFAULT_PRIORITY, "--priority", "-p", help=f"One of: {', '.join(priority_names())}."),
     param: List[str] = typer.Option([], "--param", help="KEY=VALUE; VALUE is JSON if it parses, else a string."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the result (default) or print the id."),
@@ -256,16 +256,17 @@ def list_tasks() -> None:
     from taskserver.platform.tasks import catalogue
 
     found = catalogue()
-    rows = [("TASK", "PACKAGE", "POOL", "LANES", "PARAMETERS")]
+    rows = [("TASK", "PACKAGE", "POOL", "LANES", "REQUESTS", "PARAMETERS")]
     for task in found.tasks:
         try:
             parameters = ", ".join(parameter_schema(task, code_dir()).get("properties", {}))
         except Exception as exc:  # a missing file or module: say so in the row, list the rest
             parameters = f"(unreadable: {type(exc).__name__}: {exc})"
-        rows.append((task.name, found.package_of(task.name), task.pool.name, ", ".join(task.lanes), parameters))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        rows.append((task.name, found.package_of(task.name), task.pool.name, ", ".join(task.lanes),
+                     "yes" if task.request_handler else "no", parameters))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[5])
     for problem in found.problems:
         typer.secho(f"refused: {problem}", fg=typer.colors.YELLOW, err=True)
     if found.problems:

@@ -81,7 +81,7 @@ def test_the_catalogue_lists_the_installed_task_with_its_package(site):
     listed = _cli(_env(site), "tasks")
     assert listed.returncode == 0, listed.stdout + listed.stderr
     row = next(line for line in listed.stdout.splitlines() if line.startswith("extract-keywords"))
-    assert row.split()[:5] == ["extract-keywords", "taskserver-keywords", "cpu", "warm,", "job"]
+    assert row.split()[:6] == ["extract-keywords", "taskserver-keywords", "cpu", "warm,", "job", "yes"]
     assert row.rstrip().endswith("texts, top")
     assert "encode" in listed.stdout  # the built-ins beside it
 
@@ -167,3 +167,27 @@ def test_an_installed_tasks_critical_runs_start_ahead_of_a_built_in_backlog(site
     assert {s.state_type for s in final.values()} == {"COMPLETED"}, {r: s.message for r, s in final.items()}
     last_critical = max(final[r].start_time for r in critical)
     assert all(last_critical < final[r].start_time for r in low), {r: s.start_time for r, s in final.items()}
+
+
+def test_an_installed_task_serves_requests_on_the_request_lane(site, postgres_cluster, tmp_path):
+    """A real drainer process with the package on its path; requests through `taskserver request submit`."""
+    from request_lane_support import DRAINER, LaneProcess
+
+    drainer = LaneProcess(DRAINER, postgres_cluster.url, tmp_path / "drainer.log", {"PYTHONPATH": str(site)}).start()
+    try:
+        env = _env(site, TASKSERVER_REQUEST_DATABASE_URL=postgres_cluster.url)
+        env.pop("PREFECT_API_URL", None)
+        done = _cli(env, "request", "submit", "extract-keywords", "-p", "critical", "--param", f"texts={json.dumps(TEXTS)}",
+                    "--param", "top=3", "--timeout", "120", timeout=200)
+        assert done.returncode == 0, done.stdout + done.stderr
+        record = json.loads(done.stdout)
+        assert record["state"] == "completed" and record["result"] == {"keywords": _expected(top=3)}
+        bad = _cli(env, "request", "submit", "extract-keywords", "--param", 'texts=["fine words", "  "]',
+                   "--timeout", "120", timeout=200)
+        assert bad.returncode == 1
+        failed = json.loads(bad.stdout)
+        assert failed["state"] == "failed" and failed["error"]["input"] == "texts[1]" and "blank text" in failed["error"]["reason"]
+        refused = _cli(env, "request", "submit", "extract-keywords", "--param", "texts=[\"x\"]", "--param", "top=99")
+        assert refused.returncode != 0 and "params.top" in refused.stdout + refused.stderr  # refused before it is queued
+    finally:
+        drainer.stop()

@@ -29,7 +29,7 @@ def _module(root: Path, name: str, body: str) -> None:
 
 
 def _task_module(root: Path, package: str, task_name: str, flow_name: str | None = None, pool: str = "CPU_POOL",
-                 warm: bool = False, extra_import: str = "") -> EntryPoint:
+                 warm: bool = False, extra_import: str = "", request_handler: str = "") -> EntryPoint:
     _module(root, f"{package}.flow", f"""
         {extra_import}
         from prefect import flow
@@ -46,7 +46,7 @@ def _task_module(root: Path, package: str, task_name: str, flow_name: str | None
     _module(root, f"{package}.registration", f"""
         from taskserver.platform.tasks import CPU_POOL, GPU_POOL, Pool, TaskType
         TASK = TaskType({task_name!r}, "{package}.flow.run", {pool}, "A test task.",
-                        warm_capable={warm}, data_parameters=("texts",))
+                        warm_capable={warm}, data_parameters=("texts",), request_handler={request_handler!r})
     """)
     return EntryPoint(package, f"{package}.registration:TASK", TASK_ENTRY_POINTS)
 
@@ -176,3 +176,44 @@ def test_the_bootstrap_refuses_a_bad_registration_before_creating_anything(site,
     message = str(raised.value)
     assert "installed task types: 1 problem(s)" in message and "'cluster' is already registered" in message
     assert "nothing was created" in message
+
+
+@pytest.mark.parametrize(("package", "handler_module", "reference", "reason"), [
+    ("teamreqa", "", "teamreqa.requests:HANDLER", "does not load: ModuleNotFoundError"),
+    ("teamreqb", "HANDLER = {'params': dict}\n", "teamreqb.requests:HANDLER", "is a dict, not a taskserver RequestHandler"),
+    ("teamreqc", "", "teamreqc.requests", "is not of the form package.module:NAME"),
+], ids=["missing-module", "not-a-handler", "no-attribute"])
+def test_a_request_handler_that_is_not_one_fails_verification_naming_the_package(site, package, handler_module,
+                                                                                   reference, reason):
+    entry = _task_module(site, package, "summarize", request_handler=reference)
+    if handler_module:
+        _module(site, f"{package}.requests", handler_module)
+    report = verify(load_catalogue([BUILTIN, entry]), REPO)
+    [problem] = report.problems
+    assert problem.startswith(f"package {package!r}: task 'summarize': request handler") and reason in problem
+
+
+def test_the_example_packages_request_handler_serves_a_batch_with_the_librarys_answers(monkeypatch):
+    from taskserver.errors import ParameterError
+    from taskserver.platform.request_lane import catalogue as request_catalogue
+    from taskserver.platform.request_lane.batches import run_batch
+
+    monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
+    found = load_catalogue([BUILTIN, EntryPoint("keywords", "taskserver_keywords:TASK", TASK_ENTRY_POINTS)])
+    monkeypatch.setattr(request_catalogue, "catalogue", lambda: found)  # this process's catalogue, with the example
+    request_catalogue.request_tasks.cache_clear()
+    try:
+        assert request_catalogue.request_task_names() == ["encode", "infer", "extract-keywords"]
+        from taskserver_keywords.keywords import top_keywords
+
+        texts = [["queues order runs by priority", "workers take the highest first"], ["a warm model answers fast"]]
+        prepared = [request_catalogue.prepare("extract-keywords", {"texts": t, "top": 2}, "high") for t in texts]
+        assert len({p.batch_key for p in prepared}) == 1 and [p.size for p in prepared] == [2, 1]
+        blank = request_catalogue.prepare("extract-keywords", {"texts": ["   "]})
+        outcomes = run_batch([*prepared, blank])
+        assert [o[0] for o in outcomes[:2]] == [{"keywords": top_keywords(t, 2)} for t in texts]
+        assert outcomes[2][0] is None and outcomes[2][1]["input"] == "texts[0]"  # its own error; the others stand
+        with pytest.raises(ParameterError, match=r"params.top: .*less than or equal to 50"):
+            request_catalogue.prepare("extract-keywords", {"texts": ["x"], "top": 99})
+    finally:
+        request_catalogue.request_tasks.cache_clear()

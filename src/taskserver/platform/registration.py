@@ -6,7 +6,8 @@ point that does not import, a name clash, an unknown pool). Here, for the tasks 
 but taskserver (whose own flows the test suite checks): the entrypoint must load a Prefect flow
 whose name is the task's; a warm-capable task's module must import in a fresh interpreter with
 the warm lane's environment (the warm interpreters import it beside every other flow); its data
-parameters must be flow parameters. A parameter without a description is a warning: the UI's
+parameters must be flow parameters; a request handler it names must load and be a
+``RequestHandler``. A parameter without a description is a warning: the UI's
 form would show a bare field.
 """
 
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskserver.errors import ParameterError
+from taskserver.platform.request_lane.catalogue import load_handler
 from taskserver.platform.tasks import OWN_PACKAGE, Catalogue, TaskType, is_module_entrypoint
 from taskserver.platform.warm import interpreter_env
 
@@ -90,6 +93,11 @@ def _task_problems(task: TaskType, directory: Path, warnings: list[str]) -> list
         problem = _warm_import_problem(task)
         if problem:
             problems.append(problem)
+    if task.request_handler:
+        try:
+            load_handler(task.request_handler)
+        except ParameterError as exc:
+            problems.append(f"task {task.name!r}: {exc}")
     return problems
 
 

@@ -90,6 +90,9 @@ class TaskType:
     steps: tuple[str, ...] = ()
     """For a pipeline: the tasks it may run as their own deployment runs. Each of its
     deployments tells its runs where those are (``Settings.step_deployments``)."""
+    request_handler: str = ""
+    """``package.module:NAME`` of a ``request_lane.catalogue.RequestHandler``: the task also serves
+    small requests on the request lane, many per library call. Empty: flow runs only."""
 
     def pool_for(self, lane: str) -> Pool:
         return WARM_POOL if lane == WARM_LANE else self.pool
@@ -111,10 +114,14 @@ class TaskType:
         return (self.default_lane, *(lane for lane in LANES if lane != self.default_lane))
 
 
+_BUILTIN_REQUESTS = "taskserver.platform.request_lane.builtin"
+"""Where taskserver's own request handlers live (named, not imported: they load torch)."""
+
 BUILTIN_TASKS: tuple[TaskType, ...] = (
     TaskType("encode", "src/taskserver/flows/encode.py:encode", CPU_POOL,
              "Texts to embeddings with all-MiniLM-L6-v2.", WARM_LANE, warm_capable=True,
-             data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),)),
+             data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),),
+             request_handler=f"{_BUILTIN_REQUESTS}:ENCODE"),
     TaskType("process-pdfs", "src/taskserver/flows/pdfs.py:process_pdfs", CPU_POOL,
              "PDFs to clean text elements and chunks.", WARM_LANE, warm_capable=True,
              data_parameters=("inputs",)),
@@ -124,7 +131,8 @@ BUILTIN_TASKS: tuple[TaskType, ...] = (
              "Fine-tune a text classifier with accelerate."),
     TaskType("infer", "src/taskserver/flows/infer.py:infer", GPU_POOL,
              "Batch classification with a trained model.", WARM_LANE, warm_capable=True,
-             data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),)),
+             data_parameters=("texts", "input_path"), deployment_parameters=(("input_path", SAMPLE_TEXTS),),
+             request_handler=f"{_BUILTIN_REQUESTS}:INFER"),
     TaskType("ingest-documents", "src/taskserver/flows/ingest.py:ingest_documents", CPU_POOL,
              "Pipeline: PDFs to chunks to embeddings to clusters and a search index.",
              steps=("process-pdfs", "encode", "cluster")),

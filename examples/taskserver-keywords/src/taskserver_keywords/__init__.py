@@ -12,4 +12,6 @@ TASK = TaskType(
     default_lane=WARM_LANE,
     warm_capable=True,
     data_parameters=("texts",),
+    # Also small requests on the request lane (taskserver request submit extract-keywords ...).
+    request_handler="taskserver_keywords.requests:HANDLER",
 )

@@ -1,8 +1,9 @@
-"""The request lane: small encode and infer requests, queued durably in PostgreSQL and drained in batches.
+"""The request lane: small requests (encode, infer, or a registered task), queued durably in PostgreSQL and drained in batches.
 
-``requests`` validates and names what a request carries, ``queue`` is the SQL (priority, leases,
-results, retention), ``batches`` calls the library once per batch, ``drainer`` is the process that
-takes requests, ``client`` and ``http`` are how they are submitted.
+``catalogue`` validates and names what a request carries (each task's ``RequestHandler``;
+``builtin`` holds taskserver's own), ``queue`` is the SQL (priority, leases, results, retention),
+``batches`` makes one call per batch, ``drainer`` is the process that takes requests, ``client``
+and ``http`` are how they are submitted.
 """
 
 DRAINER_MODULE = f"{__name__}.drainer"
