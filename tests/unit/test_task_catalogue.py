@@ -130,6 +130,8 @@ def test_a_flow_named_otherwise_than_its_task_fails_verification(site):
     [problem] = report.problems
     assert "package 'teamname': task 'summarize': its flow is named 'summarise'" in problem
     assert "parameter 'top' has no description" in " ".join(report.warnings)
+    # The test flow has no heartbeat hooks: its lost runs would never be found, and the report says so.
+    assert any("sends no run heartbeats" in w and "**heartbeat_hooks()" in w for w in report.warnings)
 
 
 def test_a_flow_that_does_not_load_fails_verification(site):

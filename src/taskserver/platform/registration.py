@@ -7,8 +7,9 @@ but taskserver (whose own flows the test suite checks): the entrypoint must load
 whose name is the task's; a warm-capable task's module must import in a fresh interpreter with
 the warm lane's environment (the warm interpreters import it beside every other flow); its data
 parameters must be flow parameters; a request handler it names must load and be a
-``RequestHandler``. A parameter without a description is a warning: the UI's
-form would show a bare field.
+``RequestHandler``. Warnings: a flow without taskserver's heartbeat hooks (a run lost with its
+worker would never be found), and a parameter without a description (the UI's form would show a
+bare field).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from taskserver.errors import ParameterError
+from taskserver.flows.heartbeats import start_heartbeats
 from taskserver.platform.request_lane.catalogue import load_handler
 from taskserver.platform.tasks import OWN_PACKAGE, Catalogue, TaskType, is_module_entrypoint
 from taskserver.platform.warm import interpreter_env
@@ -85,6 +87,10 @@ def _task_problems(task: TaskType, directory: Path, warnings: list[str]) -> list
     unknown = [p for p in task.data_parameters if p not in properties]
     if unknown:
         problems.append(f"task {task.name!r}: data parameters {unknown} are not parameters of its flow")
+    if start_heartbeats not in (getattr(flow, "on_running_hooks", None) or []):
+        warnings.append(f"task {task.name!r}: its flow sends no run heartbeats, so a run lost with its worker"
+                        " (a killed pod or node) is never found and rescheduled; add"
+                        " **heartbeat_hooks() from taskserver.flows.heartbeats to its @flow")
     for parameter, schema in properties.items():
         if not schema.get("description"):
             warnings.append(f"task {task.name!r}: parameter {parameter!r} has no description (document it"
