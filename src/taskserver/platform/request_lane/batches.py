@@ -27,7 +27,7 @@ def error_record(exc: BaseException) -> Failure:
 
 def warm_up() -> None:
     """Each request task's warm-up (the encoder's load), so the first request does not pay for it."""
-    for handler in request_tasks().handlers.values():
+    for handler in request_tasks().values():
         if handler.warm_up is not None:
             handler.warm_up()
 

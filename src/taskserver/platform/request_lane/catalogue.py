@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,6 +26,8 @@ from taskserver.platform.tasks import catalogue
 from taskserver.settings import get_settings
 
 Result = dict[str, Any]
+
+_log = logging.getLogger(__name__)
 
 
 def _text_count(params: BaseModel) -> int:
@@ -71,30 +74,26 @@ def load_handler(reference: str) -> RequestHandler:
     return handler
 
 
-@dataclass(frozen=True)
-class RequestTasks:
-    handlers: dict[str, RequestHandler]
-    problems: tuple[str, ...] = field(default=())
-    """Handlers that did not load, each naming its task (the bootstrap refuses them by package)."""
-
-
 @lru_cache(maxsize=1)
-def request_tasks() -> RequestTasks:
-    """The installed catalogue's tasks that serve requests, with their handlers, loaded once per process."""
+def request_tasks() -> dict[str, RequestHandler]:
+    """The installed catalogue's tasks that serve requests, with their handlers, loaded once per process.
+
+    A handler that does not load is left out with a warning; the bootstrap refuses its package
+    (``registration.verify``), so this only happens to an install changed since.
+    """
     handlers: dict[str, RequestHandler] = {}
-    problems: list[str] = []
     for task in catalogue().tasks:
         if not task.request_handler:
             continue
         try:
             handlers[task.name] = load_handler(task.request_handler)
         except ParameterError as exc:
-            problems.append(f"task {task.name!r}: {exc}")
-    return RequestTasks(handlers, tuple(problems))
+            _log.warning("task %r serves no requests: %s", task.name, exc)
+    return handlers
 
 
 def request_task_names() -> list[str]:
-    return list(request_tasks().handlers)
+    return list(request_tasks())
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ class PreparedRequest:
 
 def prepare(task: Any, params: Any, priority: Any = DEFAULT_PRIORITY) -> PreparedRequest:
     """Check one request; raise a ``ParameterError`` or ``EncodingInputError`` naming what is wrong."""
-    handlers = request_tasks().handlers
+    handlers = request_tasks()
     if not isinstance(task, str) or task not in handlers:
         raise ParameterError.not_in(f"task {task!r}", "not a request-lane task", handlers)
     handler = handlers[task]
