@@ -3,7 +3,10 @@
 # `encode` flow INSIDE the CPU image against a Prefect server on the host's loopback.
 # Needs root, the Debian mirror and PyPI. The GPU image is built with the CPU torch wheel
 # (TORCH_INDEX_URL empty), so no CUDA torch is downloaded here.
-# Usage: images/build-test.sh [cpu|gpu|all]   (default all; prints timings)
+# Usage: images/build-test.sh [cpu|gpu|all|cpu-image]   (default all; prints timings)
+#   cpu-image: only build the CPU image, and only if it is missing (the chart's podman test).
+# One build at a time: the image tests and the chart's podman test may ask at once (two pytest
+# processes); the second waits on the lock, then finds its layers cached.
 set -euo pipefail
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo_root"
@@ -14,8 +17,17 @@ port="${TASKSERVER_TEST_PORT:-4297}"
 venv_python="${VENV_PYTHON:-$repo_root/.venv/bin/python}"
 wheels="${TORCH_WHEELS:-/opt/wheels}"
 
-build() {  # build NAME: images/Dockerfile.NAME -> localhost/taskserver-NAME:test
-    local started=$SECONDS
+build() {  # build NAME [if-missing]: images/Dockerfile.NAME -> localhost/taskserver-NAME:test
+    local started=$SECONDS lock
+    lock="$repo_root/.tools/podman/build.lock"
+    mkdir -p "$(dirname "$lock")"
+    exec 9>>"$lock"
+    flock 9
+    if [ "${2:-}" = if-missing ] && podman image exists "localhost/taskserver-$1:test"; then
+        echo "reused taskserver-$1"
+        flock -u 9
+        return
+    fi
     local mounts=(--volume /etc/ssl/certs/ca-certificates.crt:/host-ca.crt:ro)
     local args=(--build-arg "BASE_IMAGE=$base" --build-arg PIP_CERT=/host-ca.crt --build-arg TORCH_INDEX_URL=)
     if [ -d "$wheels" ]; then
@@ -24,6 +36,7 @@ build() {  # build NAME: images/Dockerfile.NAME -> localhost/taskserver-NAME:tes
     fi
     podman build --quiet --layers "${mounts[@]}" "${args[@]}" \
         -f "images/Dockerfile.$1" -t "localhost/taskserver-$1:test" . >/dev/null
+    flock -u 9
     echo "built taskserver-$1 in $((SECONDS - started)) s"
 }
 
@@ -71,6 +84,7 @@ case "$which" in
     cpu) build cpu; run_flow_in_cpu_image ;;
     gpu) build gpu ;;
     all) build cpu; run_flow_in_cpu_image; build gpu ;;
-    *) echo "usage: $0 [cpu|gpu|all]" >&2; exit 2 ;;
+    cpu-image) build cpu if-missing ;;
+    *) echo "usage: $0 [cpu|gpu|all|cpu-image]" >&2; exit 2 ;;
 esac
 echo "images/build-test.sh $which: $((SECONDS - total)) s"

@@ -214,6 +214,24 @@ def test_every_container_has_a_read_only_root_and_bounded_scratch(profile: str) 
                 assert volume["emptyDir"].get("sizeLimit"), f"{name}: emptyDir {volume['name']} has no sizeLimit"
 
 
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_prefect_client_keeps_its_homes_on_a_writable_scratch_volume(profile: str) -> None:
+    """With a read-only root, anything taskserver or Prefect writes under a home must land on an
+    emptyDir. The warm worker's `encode` once failed under `data.mode=none` ("Read-only file
+    system: '/home/taskserver/.taskserver'", its embedding cache), found by the podman run."""
+    clients = [(name, c, spec) for name, c, spec in containers(render(profile))
+               if any(e["name"] == "PREFECT_API_URL" for e in c.get("env", []))]
+    assert len(clients) >= 4, [name for name, _, _ in clients]
+    for name, container, spec in clients:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        scratch = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for home in ("PREFECT_HOME", "TASKSERVER_HOME"):
+            assert env.get(home), f"{name}: no {home}"
+            mounts = [m for m in container.get("volumeMounts", []) if env[home].startswith(m["mountPath"].rstrip("/") + "/")]
+            assert mounts and mounts[-1]["name"] in scratch and not mounts[-1].get("readOnly"), \
+                f"{name}: {home}={env[home]} is not on a writable emptyDir"
+
+
 # --- 4. the UI copies itself into a writable directory ---------------------------------------------
 
 

@@ -168,14 +168,17 @@ def read_done(record_dir: Path) -> dict[str, dict]:
             for n in glob.glob(str(record_dir / "*.json"))}
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, details=None):
+    """Poll ``predicate`` until it returns something true; on timeout, fail naming ``what`` and
+    adding ``details()`` (a process's log, say) so the failure shows its cause."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    extra = f"\n{details()}" if details is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
 
 
 def probe_params(label: str, record_dir: Path, seconds: float = 1.0) -> dict:

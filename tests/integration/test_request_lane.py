@@ -192,10 +192,12 @@ def test_postgres_restart_with_requests_queued_loses_and_repeats_nothing(client,
     drainer = processes(DRAINER, lane, request_batch_max_texts=32)
     wait_until(lambda: any(r.state == "completed" for r in client.records(ids).values()), 180, "first results")
     postgres_cluster.stop()
+    log_tail = lambda: f"drainer log (last 6000 characters):\n{drainer.text()[-6000:]}"  # noqa: E731
     wait_until(lambda: "database unavailable" in drainer.text() or "not written yet" in drainer.text()
-               or "not renewed" in drainer.text(), 60, "the drainer to notice the outage")
+               or "not renewed" in drainer.text(), 60, "the drainer to notice the outage", details=log_tail)
     postgres_cluster.start()
-    records = wait_until(lambda: _all_finished(client, ids), 300, "every request after the restart", interval=1)
+    records = wait_until(lambda: _all_finished(client, ids), 300, "every request after the restart", interval=1,
+                         details=log_tail)
     assert len(records) == len(ids) and {r.state for r in records.values()} == {"completed"}
     assert drainer.written() == len(ids)
     assert drainer.process.poll() is None  # it waited the outage out

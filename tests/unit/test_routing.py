@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 from uuid import uuid4
 
@@ -185,3 +188,37 @@ def test_an_interpreter_that_cannot_start_is_retried_with_back_off_until_it_can(
     first, second = failures()[:2]
     assert first.endswith("retrying in 1s") and second.endswith("retrying in 2s")  # back-off doubles
     assert "(warm interpreter exited with code 1)" in first  # the cause, not a bare "failed"
+
+
+def test_a_worker_that_is_pid_1_keeps_its_interpreters(tmp_path):
+    """In a container the warm worker is pid 1, which a check for "reparented to init" mistook for
+    a dead worker: every interpreter exited with code 1 before saying anything. Here the worker
+    runs as pid 1 of a new PID namespace (``unshare``, as a container's runtime does) and starts a
+    real interpreter, which must get ready."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, anyio\n"
+        "from taskserver.platform.warm import Interpreter, interpreter_env\n"
+        "async def main():\n"
+        "    assert os.getpid() == 1, os.getpid()\n"
+        "    interpreter = await Interpreter.start(interpreter_env())\n"
+        "    print('ready', interpreter.pid, flush=True)\n"
+        "    await interpreter.stop()\n"
+        "anyio.run(main)\n"
+    )
+    env = {**os.environ, "TASKSERVER_WARM_PRELOAD": ""}
+    result = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", sys.executable, str(script)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("ready "), result.stdout + result.stderr[-3000:]
+
+
+def test_an_interpreter_whose_worker_is_gone_exits_saying_so():
+    from taskserver.platform.warm_interpreter import WORKER_PID_ENV
+
+    not_the_parent = os.getpid() + 1_000_000  # any pid but the parent's
+    env = {**os.environ, "TASKSERVER_WARM_PRELOAD": "", WORKER_PID_ENV: str(not_the_parent)}
+    result = subprocess.run([sys.executable, "-m", "taskserver.platform.warm_interpreter"], input="",
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1
+    assert f"the worker (pid {not_the_parent}) is gone" in result.stderr
+    assert result.stdout == ""  # never said "ready"

@@ -159,8 +159,12 @@ capabilities:
 {{- define "taskserver.clientEnv" -}}
 - name: PREFECT_API_URL
   value: {{ include "taskserver.apiUrl" . | quote }}
+{{- /* The root filesystem is read-only: Prefect's and taskserver's homes (the embedding cache
+     when data is not a volume) live on the pod's /tmp emptyDir. */}}
 - name: PREFECT_HOME
   value: /tmp/prefect
+- name: TASKSERVER_HOME
+  value: /tmp/taskserver
 - name: DO_NOT_TRACK
   value: "true"
 {{- range $name, $value := (include "taskserver.platform" . | fromJson).clientEnv }}

@@ -45,6 +45,7 @@ from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV, em
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, QueuePriorityMixin
 from taskserver.platform.tasks import WARM_WORKER_TYPE
 from taskserver.platform.wakeup import WakeOnRunEvents
+from taskserver.platform.warm_interpreter import WORKER_PID_ENV
 from taskserver.settings import get_settings
 
 WORKER_TYPE = WARM_WORKER_TYPE
@@ -114,7 +115,8 @@ class Interpreter:
     async def start(cls, env: dict[str, str]) -> "Interpreter":
         process = await anyio.open_process(
             [sys.executable, "-m", _INTERPRETER_MODULE],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+            env={**env, WORKER_PID_ENV: str(os.getpid())},
         )
         interpreter = cls(process)
         with anyio.fail_after(READY_TIMEOUT_SECONDS):

@@ -19,17 +19,26 @@ from typing import IO, Any, Iterator
 from uuid import UUID
 
 PRELOADS = ("encoder", "pdf", "flows")
+WORKER_PID_ENV = "TASKSERVER_WARM_WORKER_PID"
+"""The worker that started this interpreter writes its pid here (``warm.Interpreter.start``)."""
 
 
 def _die_with_parent() -> None:
-    """If the worker is killed, its interpreters must not outlive it (like a pod's processes)."""
+    """If the worker is killed, its interpreters must not outlive it (like a pod's processes).
+
+    The parent-death signal only covers a worker that dies after ``prctl``; one that died before
+    is caught by comparing the parent with the pid the worker wrote. Not by ``getppid() == 1``:
+    in a container the worker itself is pid 1.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux: the worker's stop() still ends us
         pass
-    if os.getppid() == 1:  # the worker died before we got here
+    expected = os.environ.get(WORKER_PID_ENV)
+    if expected and os.getppid() != int(expected):
+        print(f"warm interpreter: the worker (pid {expected}) is gone; exiting", file=sys.stderr)
         os._exit(1)
 
 

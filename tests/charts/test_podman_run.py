@@ -1,28 +1,18 @@
-"""UNFINISHED DRAFT, kept out of pytest's collection on purpose (the name does not match test_*.py):
-it does not pass yet. Run it by hand with
-`timeout 1900 .venv/bin/python -m pytest -q -s tests/charts/podman_run_draft.py`.
-Where it stops: the warm worker's interpreters (`python -m taskserver.platform.warm_interpreter`,
-started by the worker) exit with code 1 and print nothing, so `encode/high` stays Pending. The
-same module started by hand with `podman exec` in the same container prints "ready" in ~25 s.
-Everything before that passed in the last run (~4 min, image reused): Postgres's, the server's,
-recovery's and the warm worker's rendered probes, 401s, the UI login and dashboard, the bootstrap.
-Also open: the dashboard screenshot shows two error toasts ("Authentication failed.", "Oops.
-Something went wrong."), likely from the UI's calls before login; the reload-and-check after
-login below was added after that run and has not been run yet.
+"""The rendered chart's own containers, run together with podman (no Kubernetes API server here).
 
-The rendered chart's own containers, run together with podman (no Kubernetes API server here).
-
-helm renders the default profile (auth on, bundled Postgres) with the CPU image built by the
-image tests (localhost/taskserver-cpu:test, reused when present) in place of every taskserver and
-Prefect image, and a local Postgres image (tests/charts/podman/Dockerfile.postgres) in place of
-postgres:16-alpine. Each rendered workload becomes a Pod by changing its kind (StatefulSet,
+helm renders the default profile (auth on, bundled Postgres, the shared data on a
+ReadWriteMany claim; no GPU pool) with the image tests' CPU image
+(localhost/taskserver-cpu:test, built if missing) plus this tree's src/ laid over it
+(podman/Dockerfile.source, seconds) in place of every taskserver and Prefect image, and a local
+Postgres image (tests/charts/podman/Dockerfile.postgres) in place of postgres:16-alpine. Each rendered workload becomes a Pod by changing its kind (StatefulSet,
 Deployment, Job -> Pod) and is started with `podman kube play` on one network, in the order a
 cluster would reach: the Postgres StatefulSet, the server Deployment, the warm worker, the recovery
 Deployment, then the bootstrap hook Job. What podman cannot do is done here, and nothing else:
 
 - Secret references are resolved from the rendered Secret objects (env values and files),
   ConfigMap volumes become files, emptyDirs become 0777 directories (as Kubernetes makes them),
-  a StatefulSet's claim template becomes a podman volume, `fieldRef: metadata.name` is the
+  a StatefulSet's claim template becomes a podman volume, the rendered data claim a host
+  directory every pod that mounts it shares, `fieldRef: metadata.name` is the
   pod's name, and `$(VAR)` in command and args is expanded from the container's env (as the
   kubelet does).
 - The Services' names are given to later pods as hostAliases (and to init containers as
@@ -106,9 +96,11 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float, logs: Call
 
 @pytest.fixture(scope="module")
 def images() -> None:
-    for image, build in ((CPU_IMAGE, ["bash", str(REPO / "images" / "build-test.sh"), "cpu"]),):
-        if podman("image", "exists", image, check=False).returncode != 0:
-            subprocess.run(build, cwd=REPO, check=True, timeout=1500)
+    # The image tests' CPU image: built here only if missing, under build-test.sh's lock, so the
+    # two pytest processes never build it twice at once.
+    build = subprocess.run(["bash", str(REPO / "images" / "build-test.sh"), "cpu-image"], cwd=REPO,
+                           capture_output=True, text=True, timeout=1700)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     if podman("image", "exists", POSTGRES_IMAGE, check=False).returncode != 0:
         podman("build", "--quiet", "--layers", "-f", str(Path(__file__).parent / "podman" / "Dockerfile.postgres"),
                "-t", POSTGRES_IMAGE, str(Path(__file__).parent / "podman"), timeout=900)
@@ -121,7 +113,7 @@ def rendered() -> list[dict[str, Any]]:
         "images.registry=localhost", "images.cpu.tag=chart-test", "images.gpu.tag=chart-test",
         "images.server.repository=taskserver-cpu", "images.server.tag=chart-test",
         "postgresql.image.repository=taskserver-postgres-test", "postgresql.image.tag=pg15",
-        "images.pullPolicy=Never", "workers.gpu.enabled=false", "data.mode=none",
+        "images.pullPolicy=Never", "workers.gpu.enabled=false",
     ]
     args = ["template", "ts", str(CHART), "-n", NAMESPACE]
     for value in sets:
@@ -184,6 +176,16 @@ class Cluster:
                 directory.mkdir()
                 os.chmod(directory, 0o777)
                 volume.pop("emptyDir")
+                volume["hostPath"] = {"path": str(directory), "type": "Directory"}
+            if "persistentVolumeClaim" in volume:
+                # A rendered ReadWriteMany claim (the shared data): one host directory that every
+                # pod mounting the claim shares, as an NFS-backed volume would be.
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                assert any(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == claim for o in self.objects), claim
+                directory = self.workdir / f"claim-{claim}"
+                directory.mkdir(exist_ok=True)
+                os.chmod(directory, 0o777)
+                volume.pop("persistentVolumeClaim")
                 volume["hostPath"] = {"path": str(directory), "type": "Directory"}
             if "configMap" in volume:
                 (configmap,) = [o for o in self.objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == volume["configMap"]["name"]]
