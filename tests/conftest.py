@@ -109,6 +109,7 @@ LONGEST_FIRST = (
     "tests/integration/test_localstack.py", "tests/faults/test_preempted_training.py",
     "tests/integration/test_prefect_yaml.py", "tests/integration/test_shared_data.py",
     "tests/faults/test_postgres_outage.py", "tests/integration/test_task_registration.py",
+    "tests/faults/test_lost_worker_installed_task.py",
     "tests/integration/test_security.py", "tests/integration/test_ui_in_browser.py", "tests/unit/test_training.py",
 )
 """Modules that take minutes, longest first (per-file sums of the test command's --durations,

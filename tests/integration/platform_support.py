@@ -168,6 +168,18 @@ def read_done(record_dir: Path) -> dict[str, dict]:
             for n in glob.glob(str(record_dir / "*.json"))}
 
 
+EXAMPLE_PACKAGE = REPO / "examples" / "taskserver-keywords"
+
+
+def install_example_package(target: Path) -> Path:
+    """The example task package, installed by pip (a wheel built from its pyproject) into
+    ``target`` alone: only processes given ``PYTHONPATH=target`` see it, the test process not."""
+    subprocess.run([str(BIN / "pip"), "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(EXAMPLE_PACKAGE)], check=True, capture_output=True, text=True)
+    assert (target / "taskserver_keywords" / "flow.py").exists()
+    return target
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, details=None):
     """Poll ``predicate`` until it returns something true; on timeout, fail naming ``what`` and
     adding ``details()`` (a process's log, say) so the failure shows its cause."""

@@ -12,9 +12,10 @@ import subprocess
 
 import pytest
 
-from platform_support import BIN, REPO, base_env, prefect_server_on_postgres, wait_until
+from platform_support import (
+    BIN, EXAMPLE_PACKAGE as EXAMPLE, base_env, install_example_package, prefect_server_on_postgres, wait_until,
+)
 
-EXAMPLE = REPO / "examples" / "taskserver-keywords"
 TEXTS = ["Queues order the runs by priority, and the workers take the highest priority first.",
          "A warm interpreter keeps the model loaded, so a small request starts in half a second.",
          "Kubernetes Jobs isolate training runs; each Job gets its PriorityClass and its GPU."]
@@ -22,12 +23,8 @@ TEXTS = ["Queues order the runs by priority, and the workers take the highest pr
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """The example package, installed by pip (wheel built from its pyproject) into its own folder."""
-    target = tmp_path_factory.mktemp("site-packages")
-    subprocess.run([str(BIN / "pip"), "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True, text=True)
-    assert (target / "taskserver_keywords" / "flow.py").exists()
-    return target
+    """The example package, installed by pip into its own folder."""
+    return install_example_package(tmp_path_factory.mktemp("site-packages"))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +79,7 @@ def test_the_catalogue_lists_the_installed_task_with_its_package(site):
     assert listed.returncode == 0, listed.stdout + listed.stderr
     row = next(line for line in listed.stdout.splitlines() if line.startswith("extract-keywords"))
     assert row.split()[:6] == ["extract-keywords", "taskserver-keywords", "cpu", "warm,", "job", "yes"]
-    assert row.rstrip().endswith("texts, top")
+    assert row.rstrip().endswith("texts, top, input_path, output")
     assert "encode" in listed.stdout  # the built-ins beside it
 
 

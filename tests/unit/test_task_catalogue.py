@@ -219,3 +219,30 @@ def test_the_example_packages_request_handler_serves_a_batch_with_the_librarys_a
             request_catalogue.prepare("extract-keywords", {"texts": ["x"], "top": 99})
     finally:
         request_catalogue.request_tasks.cache_clear()
+
+
+def test_the_example_reads_a_file_writes_its_keywords_whole_and_names_a_bad_record(monkeypatch, tmp_path):
+    import json
+
+    from taskserver.errors import InvalidInputError
+
+    monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
+    from taskserver_keywords.flow import extract_keywords
+    from taskserver_keywords.keywords import keywords_of_file, top_keywords
+
+    texts = ["queues order runs by priority", "workers take the highest first", "a warm model answers fast"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "out" / "keywords.jsonl"
+    assert keywords_of_file(str(source), str(out), top=2) == 3
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == [{"id": f"d{i}", "keywords": k} for i, k in enumerate(top_keywords(texts, 2))]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["keywords.jsonl"]  # no temporary file left
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "ok", "text": "fine words"}) + "\n" + json.dumps({"id": "b7", "text": "  "}) + "\n")
+    with pytest.raises(InvalidInputError, match=r"bad.jsonl record 'b7'.*blank"):
+        keywords_of_file(str(bad), str(tmp_path / "never.jsonl"))
+    assert not (tmp_path / "never.jsonl").exists()
+    with pytest.raises(InvalidInputError, match="input_path and output go together"):
+        extract_keywords.fn(input_path=str(source))

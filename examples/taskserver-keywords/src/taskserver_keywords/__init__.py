@@ -11,7 +11,7 @@ TASK = TaskType(
     description="The top TF-IDF keywords of each text (scikit-learn).",
     default_lane=WARM_LANE,
     warm_capable=True,
-    data_parameters=("texts",),
+    data_parameters=("texts", "input_path"),
     # Also small requests on the request lane (taskserver request submit extract-keywords ...).
     request_handler="taskserver_keywords.requests:HANDLER",
 )

@@ -1,9 +1,14 @@
-"""The library: top TF-IDF keywords per text. Pure, no Prefect."""
+"""The library: top TF-IDF keywords per text, of a list or of a file. Pure, no Prefect: it uses
+taskserver's library (its input readers, its atomic writes), never its platform."""
 
 from __future__ import annotations
 
+import json
+
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from taskserver import storage
+from taskserver.encoding import read_texts
 from taskserver.errors import InvalidInputError
 
 
@@ -26,3 +31,21 @@ def top_keywords(texts: list[str], top: int = 5) -> list[list[str]]:
         ranked = sorted(zip(entries.data, entries.indices), key=lambda pair: (-pair[0], terms[pair[1]]))
         keywords.append([str(terms[index]) for _, index in ranked[:top]])
     return keywords
+
+
+def keywords_of_file(input_path: str, output: str, top: int = 5) -> int:
+    """The keywords of every text in ``input_path`` (.jsonl with ``text`` and optional ``id``,
+    .csv, or .txt with a text per line), written to ``output`` as JSON lines ``{"id",
+    "keywords"}`` in input order. The file appears only once complete. Returns the line count."""
+    ids, texts = read_texts(input_path)
+    if not texts:
+        raise InvalidInputError(input_path, "the file holds no texts", "put a text per line (.txt) or record")
+    for item, text in zip(ids, texts):
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError(f"{input_path} record {item!r}", "missing or blank text",
+                                    "give every record at least one word")
+    keywords = top_keywords(texts, top)
+    with storage.open_output(output, "w") as handle:
+        for item, words in zip(ids, keywords):
+            handle.write(json.dumps({"id": item, "keywords": words}) + "\n")
+    return len(keywords)
