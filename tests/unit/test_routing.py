@@ -213,7 +213,7 @@ def test_a_worker_that_is_pid_1_keeps_its_interpreters(tmp_path):
 
 
 def test_an_interpreter_whose_worker_is_gone_exits_saying_so():
-    from taskserver.platform.warm_interpreter import WORKER_PID_ENV
+    from taskserver.platform.warm import WORKER_PID_ENV
 
     not_the_parent = os.getpid() + 1_000_000  # any pid but the parent's
     env = {**os.environ, "TASKSERVER_WARM_PRELOAD": "", WORKER_PID_ENV: str(not_the_parent)}

@@ -45,7 +45,6 @@ from taskserver.flows.heartbeats import HEARTBEAT_SECONDS, RUN_HEARTBEAT_ENV, em
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, QueuePriorityMixin
 from taskserver.platform.tasks import WARM_WORKER_TYPE
 from taskserver.platform.wakeup import WakeOnRunEvents
-from taskserver.platform.warm_interpreter import WORKER_PID_ENV
 from taskserver.settings import get_settings
 
 WORKER_TYPE = WARM_WORKER_TYPE
@@ -56,6 +55,9 @@ DEFAULT_INTERPRETERS = 2
 ANNOUNCE_TTL_SECONDS = 30.0
 
 _INTERPRETER_MODULE = "taskserver.platform.warm_interpreter"
+WORKER_PID_ENV = "TASKSERVER_WARM_WORKER_PID"
+"""Where a worker tells its interpreters its pid: each exits if its parent is another (the
+worker died before the interpreter asked the kernel to be killed with it)."""
 
 
 class WarmJobConfiguration(BaseJobConfiguration):

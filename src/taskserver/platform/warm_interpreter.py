@@ -19,8 +19,6 @@ from typing import IO, Any, Iterator
 from uuid import UUID
 
 PRELOADS = ("encoder", "pdf", "flows")
-WORKER_PID_ENV = "TASKSERVER_WARM_WORKER_PID"
-"""The worker that started this interpreter writes its pid here (``warm.Interpreter.start``)."""
 
 
 def _die_with_parent() -> None:
@@ -36,6 +34,8 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:  # not Linux: the worker's stop() still ends us
         pass
+    from taskserver.platform.warm import WORKER_PID_ENV  # the worker's module: this one runs under it
+
     expected = os.environ.get(WORKER_PID_ENV)
     if expected and os.getppid() != int(expected):
         print(f"warm interpreter: the worker (pid {expected}) is gone; exiting", file=sys.stderr)
