@@ -12,8 +12,9 @@ from taskserver.platform.deployments import code_dir
 from taskserver.settings import Settings, env_name, get_settings
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "taskserver"
-# Not settings: a prefix of the training launcher's progress lines on stdout.
-NOT_SETTINGS = {"TASKSERVER_PROGRESS"}
+# Not settings: a prefix of the training launcher's progress lines on stdout, and the pid a warm
+# worker hands its own interpreters (a handshake between two of our processes, never set by a user).
+NOT_SETTINGS = {"TASKSERVER_PROGRESS", "TASKSERVER_WARM_WORKER_PID"}
 
 
 def test_every_taskserver_variable_named_in_the_code_is_a_settings_field() -> None:

@@ -8,7 +8,11 @@ worker's pool changes state: a new Scheduled run, or a run that ended and freed 
 timed poll stays as the fallback (a dropped stream, a missed event), so it can be slow.
 
 Bursts coalesce: events that arrive while a poll is under way cause one more poll, not one each.
-Polls never overlap, so a run cannot be submitted twice by two concurrent polls.
+Polls never overlap, so a run cannot be submitted twice by two concurrent polls. A poll also
+starts only once the server has answered the Pending proposal of every run the last one took: Prefect
+proposes Pending in background tasks, and the server counts a work queue's concurrency from
+runs that are Pending or Running, so a poll that followed at once saw a queue limited to one run
+still free and took a second run from it (a CI failure, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ Each poll also makes the server mark the pool's queues and deployments ready: wi
 on a 5 s poll that was about half of an idle server's CPU (py-spy, 2026-12-01). What only the
 timed poll finds is a run that falls due with no state change (a deployment's schedule), which
 Prefect's 10 s prefetch takes on the poll before: such a run starts at most 5 s late."""
+PENDING_ANSWER_TIMEOUT_SECONDS = 30.0
+"""How long a poll waits for the Pending answers of the runs the last one took before it goes
+ahead anyway (the API may be down; a run whose deployment was just deleted is never proposed)."""
 RECONNECT_DELAY_SECONDS = (1.0, 30.0)
 """Back-off bounds when the event stream cannot be reached (the timed poll keeps working)."""
 
@@ -66,10 +73,37 @@ class WakeOnRunEvents:
             self._poll_lock = anyio.Lock()
         return self._wake_event, self._poll_lock
 
+    def _pending_answer(self, flow_run_id: Any) -> anyio.Event:
+        if not hasattr(self, "_pending_answers"):
+            self._pending_answers: dict[Any, anyio.Event] = {}
+        return self._pending_answers.setdefault(flow_run_id, anyio.Event())
+
+    async def _await_pending_answers(self) -> None:
+        """Wait until the server has answered the Pending proposal of each run the last poll took."""
+        taken = list(getattr(self, "_pending_answers", {}))
+        with anyio.move_on_after(PENDING_ANSWER_TIMEOUT_SECONDS):
+            for flow_run_id in taken:
+                if flow_run_id in getattr(self, "_submitting_flow_run_ids", ()):  # else: given up on
+                    await self._pending_answer(flow_run_id).wait()
+        for flow_run_id in taken:
+            self._pending_answers.pop(flow_run_id, None)
+
     async def get_and_submit_flow_runs(self) -> list[Any]:
         _, lock = self._wakeup_state()
-        async with lock:  # the timed poll and a wake-up never fetch the same runs twice
-            return await super().get_and_submit_flow_runs()  # type: ignore[misc]
+        async with lock:  # the timed poll and a wake-up never fetch the same runs twice,
+            await self._await_pending_answers()  # ... nor a queue's slot before the server counts it
+            runs: list[Any] = await super().get_and_submit_flow_runs()  # type: ignore[misc]
+            # Nothing awaited since the base class scheduled the submissions: subclasses that
+            # register the runs as this returns still do so before any submission starts.
+            for flow_run in runs:
+                self._pending_answer(flow_run.id)
+            return runs
+
+    async def _propose_pending_state(self, flow_run: Any) -> bool:
+        try:
+            return bool(await super()._propose_pending_state(flow_run))  # type: ignore[misc]
+        finally:
+            self._pending_answer(flow_run.id).set()
 
     def _has_free_slot(self) -> bool:
         limiter = getattr(self, "_limiter", None)  # BaseWorker's CapacityLimiter, None without a limit
