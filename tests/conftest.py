@@ -103,7 +103,7 @@ def prefect_harness(_harness_api_url):
 
 LONGEST_FIRST = (
     "tests/integration/test_warm_lane.py", "tests/integration/test_images.py", "tests/charts/test_podman_run.py",
-    "tests/faults/test_server_restart.py",
+    "tests/faults/test_server_restart.py", "tests/integration/test_container_lane.py",
     "tests/faults/test_lost_worker.py", "tests/faults/test_load.py", "tests/integration/test_request_lane.py",
     "tests/integration/test_priority.py", "tests/faults/test_lost_warm_worker.py",
     "tests/integration/test_localstack.py", "tests/faults/test_preempted_training.py",

@@ -18,7 +18,7 @@ import typer
 from taskserver.errors import TaskserverError
 from taskserver.platform.client_env import CLIENT_ENV
 from taskserver.platform.priorities import DEFAULT_PRIORITY, priority_names
-from taskserver.platform.tasks import PROCESS_WORKER_TYPE
+from taskserver.platform.tasks import CONTAINER_WORKER_TYPE, PROCESS_WORKER_TYPE
 
 for _name, _value in CLIENT_ENV.items():  # before Prefect is imported: it reads them once
     os.environ.setdefault(_name, _value)
@@ -89,6 +89,11 @@ def up(
     warm_interpreters: int = typer.Option(
         2, min=1, help="Warm interpreters of the warm lane (its concurrent runs; ~0.9 GB each)."
     ),
+    containers: bool = typer.Option(
+        False, "--containers", help="Run job-lane flow runs in containers of the CPU image"
+        " (TASKSERVER_CONTAINER_IMAGE) through DOCKER_HOST, or podman's Docker API; needs the"
+        " containers extra. The job pools keep the lane they were created with."
+    ),
     demo: bool = typer.Option(False, "--demo", help="Then run the demo on the sample data."),
     with_probe: bool = typer.Option(False, "--with-probe", help="Also deploy the diagnostic probe flow."),
 ) -> None:
@@ -98,7 +103,7 @@ def up(
     from taskserver.platform.localstack import up as stack_up
 
     info = stack_up(port=port, database_url=database_url, database=database, slots=slots, with_probe=with_probe,
-                    warm_slots=warm_interpreters, echo=typer.echo)
+                    warm_slots=warm_interpreters, containers=containers, echo=typer.echo)
     if demo:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -216,7 +221,8 @@ def down() -> None:
 @_friendly
 def bootstrap(
     pool_type: str = typer.Option(
-        PROCESS_WORKER_TYPE, help=f"Pool type: {PROCESS_WORKER_TYPE} (local), process, or kubernetes (cluster)."
+        PROCESS_WORKER_TYPE, help=f"Pool type: {PROCESS_WORKER_TYPE} (local), {CONTAINER_WORKER_TYPE} (local,"
+        " in containers), process, or kubernetes (cluster)."
     ),
     pool_limit: List[str] = typer.Option([], help="Pool concurrency limit, e.g. cpu=4 (repeatable)."),
     queue_limit: List[str] = typer.Option([], help="Queue concurrency limit, e.g. gpu/low=1 (repeatable)."),

@@ -169,6 +169,11 @@ class Settings(BaseSettings):
         " selector, tolerations), keyed by pool name; the chart mounts it from its workers values."
         " Empty, or a pool missing from it: the built-in defaults.",
     )
+    container_image: str = Field(
+        default="localhost/taskserver-cpu:latest",
+        description="The image `taskserver up --containers` runs job-lane flow runs in (built from"
+        " images/Dockerfile.cpu; never pulled). A deployment's job variables may name another.",
+    )
     code_dir: str = Field(
         default="",
         description="Where the flows' entrypoints (src/taskserver/flows/...) resolve from when a"

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-CHECKED_ON = {"prefect": "3.8.8", "unstructured": "0.27.32"}
+CHECKED_ON = {"prefect": "3.8.8", "unstructured": "0.27.32", "prefect-docker": "0.7.4"}
 
 
 @pytest.mark.parametrize("project", sorted(CHECKED_ON))
@@ -30,6 +30,30 @@ def test_prefect_workers_keep_the_private_attributes_our_workers_read():
     assert worker._work_pool_name == "contract-check"
     assert hasattr(worker._logger, "debug")
     assert isinstance(worker._submitting_flow_run_ids, set)
+
+
+def test_prefect_workers_still_propose_pending_in_the_hook_wakeup_waits_on():
+    """platform.wakeup lets a poll start only once the last poll's runs were proposed Pending: it
+    overrides ``_propose_pending_state(flow_run)`` and reads ``_submitting_flow_run_ids``, and relies
+    on ``_submit_scheduled_flow_runs`` not awaiting before it returns (see the comment there)."""
+    import inspect
+
+    from prefect.workers.base import BaseWorker
+
+    assert list(inspect.signature(BaseWorker._propose_pending_state).parameters) == ["self", "flow_run"]
+    body = inspect.getsource(BaseWorker._submit_scheduled_flow_runs)
+    assert "await " not in body and "start_soon(" in body and "self._submit_run" in body
+
+
+def test_prefect_docker_keeps_the_job_variables_the_container_lane_sets():
+    """platform.containers sets these defaults in the Docker worker's template, and fills these
+    fields of its job configuration for each run."""
+    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+
+    properties = DockerWorker.get_default_base_job_template()["variables"]["properties"]
+    assert {"image", "image_pull_policy", "network_mode", "auto_remove", "volumes", "env"} <= set(properties)
+    fields = DockerWorkerJobConfiguration.model_fields
+    assert {"env", "volumes", "container_create_kwargs"} <= set(fields)
 
 
 def test_unstructured_keeps_the_spacy_hooks_documents_replaces():

@@ -42,7 +42,10 @@ from taskserver.platform.deployments import (
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, read_queues
 from taskserver.platform.registration import parameter_schema, verify
-from taskserver.platform.tasks import ALL_POOLS, PROCESS_WORKER_TYPE, Pool, TaskType, catalogue, is_module_entrypoint
+from taskserver.platform.containers import IMAGE_CODE_DIR
+from taskserver.platform.tasks import (
+    ALL_POOLS, CONTAINER_WORKER_TYPE, PROCESS_WORKER_TYPE, Pool, TaskType, catalogue, is_module_entrypoint,
+)
 from taskserver.settings import env_name, get_settings
 
 DEFAULT_QUEUE = "default"
@@ -236,6 +239,13 @@ def base_job_template_for(pool: Pool, pool_type: str) -> dict[str, Any]:
         from taskserver.platform.worker import PriorityProcessWorker
 
         return PriorityProcessWorker.get_default_base_job_template()
+    if pool_type == CONTAINER_WORKER_TYPE:
+        try:
+            from taskserver.platform.container_worker import ContainerWorker
+        except ImportError as exc:
+            raise InvalidInputError(f"pool type {pool_type!r}", f"needs prefect-docker ({exc})",
+                                    "pip install 'taskserver[containers]'") from None
+        return ContainerWorker.get_default_base_job_template()
     from prefect.workers.base import BaseWorker
 
     try:
@@ -310,6 +320,10 @@ class _Bootstrapper:
     def type_of(self, pool: Pool) -> str:
         """The warm pool has its own worker type everywhere; job pools take the platform's."""
         return pool.worker_type or self.pool_type
+
+    def code_dir_of(self, pool: Pool) -> str:
+        """Where a pool's runs find the code: a container's image keeps its own copy."""
+        return IMAGE_CODE_DIR if self.type_of(pool) == CONTAINER_WORKER_TYPE else str(self.directory)
 
     async def pools(self) -> None:
         for pool in ALL_POOLS:
@@ -417,8 +431,8 @@ class _Bootstrapper:
             return
         desired = {
             "entrypoint": spec.task.entrypoint,
-            "path": str(self.directory),
-            "pull_steps": pull_steps(str(self.directory)),
+            "path": self.code_dir_of(spec.pool),
+            "pull_steps": pull_steps(self.code_dir_of(spec.pool)),
             "work_pool_name": spec.pool.name,
             "work_queue_name": spec.work_queue_name,
             "job_variables": spec.job_variables,

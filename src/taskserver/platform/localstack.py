@@ -8,12 +8,14 @@ server by URL), so state survives down/up.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -26,7 +28,10 @@ from taskserver.platform.client_env import CLIENT_ENV, prefect_results_env
 from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.local_postgres import HOME_DATA_DIR, LocalPostgres
 from taskserver.platform.request_lane import DRAINER_MODULE, ENDPOINT_MODULE
-from taskserver.platform.tasks import ALL_POOLS, DIAGNOSTIC_TASKS, PROCESS_WORKER_TYPE, Pool
+from taskserver.platform.containers import (
+    FLOW_RUN_LABEL, HOME_LABEL, SOCKET_NAME, ContainerLaneError, engine_answers, podman_service_argv,
+)
+from taskserver.platform.tasks import ALL_POOLS, CONTAINER_WORKER_TYPE, DIAGNOSTIC_TASKS, PROCESS_WORKER_TYPE, Pool
 from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
 from taskserver.settings import env_name, get_settings
 
@@ -94,9 +99,15 @@ REQUEST_ENDPOINT = "request-http"
 """The request lane (``taskserver.platform.request_lane``): on PostgreSQL stacks only."""
 
 
+CONTAINER_API = "container-api"
+"""``up --containers`` without DOCKER_HOST: the podman service the container workers talk to."""
+CONTAINER_API_START_TIMEOUT = 30.0
+
+
 def components() -> list[str]:
-    """Started in this order, stopped in reverse (the embedded database only when it is used)."""
-    return ([POSTGRES, "server"] + [f"worker-{pool.name}" for pool in ALL_POOLS]
+    """Started in this order, stopped in reverse (the embedded database and the container API
+    only when they are used)."""
+    return ([POSTGRES, CONTAINER_API, "server"] + [f"worker-{pool.name}" for pool in ALL_POOLS]
             + [RECOVERY, REQUEST_DRAINER, REQUEST_ENDPOINT])
 
 
@@ -182,7 +193,7 @@ def _prefect_exe() -> str:
     return str(candidate) if candidate.exists() else "prefect"
 
 
-def _spawn(paths: StackPaths, component: str, argv: list[str], env: dict[str, str], marker: str) -> int:
+def _spawn(paths: StackPaths, component: str, argv: list[str], env: dict[str, str], marker: str) -> subprocess.Popen:
     paths.logs.mkdir(parents=True, exist_ok=True)
     paths.run.mkdir(parents=True, exist_ok=True)
     log = open(paths.log(component), "ab")
@@ -194,7 +205,7 @@ def _spawn(paths: StackPaths, component: str, argv: list[str], env: dict[str, st
     )
     log.close()
     _write_pid(paths.pidfile(component), process.pid, marker)
-    return process.pid
+    return process
 
 
 IDLE_SERVICE_LOOPS = {
@@ -245,22 +256,32 @@ def up(
     home: Path | None = None,
     warm_slots: int = WORKER_SLOTS,
     with_probe: bool = False,
+    containers: bool = False,
     echo=print,
 ) -> StackInfo:
-    """Start server, bootstrap and workers; raise ``StackError`` if anything is in the way."""
+    """Start server, bootstrap and workers; raise ``StackError`` if anything is in the way.
+
+    ``containers``: the job-lane pools run each flow run in a container of the CPU image
+    (``taskserver.platform.containers``) instead of a process."""
     paths = stack_paths(home)
     _refuse_if_in_the_way(paths, port)
     url = api_url(port)
-    db_url = database_url or _start_database(paths, database, echo)
-    env = _start_server(paths, port, db_url, echo)
+    docker_host = _start_container_api(paths, echo) if containers else None
     try:
-        report = run_bootstrap(url, with_probe=with_probe)
+        db_url = database_url or _start_database(paths, database, echo)
+        env = _start_server(paths, port, db_url, echo)
+        report = run_bootstrap(url, with_probe=with_probe,
+                               pool_type=CONTAINER_WORKER_TYPE if containers else PROCESS_WORKER_TYPE)
     except Exception:
         down(home=paths.home, echo=lambda *_: None)
         raise
     echo(report.summary() if report.changed else "bootstrap: already up to date")
 
     worker_env = _client_env(env, url)
+    if docker_host is not None:
+        worker_env["DOCKER_HOST"] = docker_host
+        state = _read_pid(paths.state) or {}
+        paths.state.write_text(json.dumps({**state, "docker_host": docker_host}))  # for `down`
     _start_workers(paths, worker_env, slots, warm_slots, echo)
     # Reschedules runs whose process, worker or node was lost (taskserver.platform.recovery).
     _spawn(paths, RECOVERY,
@@ -309,13 +330,14 @@ def _start_server(paths: StackPaths, port: int, db_url: str, echo) -> dict[str, 
     auth = get_settings().auth_string.get_secret_value()
     if auth:  # basic auth on every route but /health; the server's own clients need it too
         env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"] = auth
-    _spawn(paths, "server", [_prefect_exe(), "server", "start", "--host", HOST, "--port", str(port)],
-           env, f"--port {port}")
+    server = _spawn(paths, "server", [_prefect_exe(), "server", "start", "--host", HOST, "--port", str(port)],
+                    env, f"--port {port}")
     echo(f"starting Prefect server on {HOST}:{port} (logs: {paths.log('server')})")
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while not _healthy(url):
-        record = _read_pid(paths.pidfile("server")) or {}
-        if not _ours(record):
+        # Our own child: poll() says whether it exited. (Its command line, which _ours reads, can
+        # be empty for a moment while it execs: under load that read a starting server as gone.)
+        if server.poll() is not None:
             down(home=paths.home, echo=lambda *_: None)
             raise StackError("Prefect server", "exited during start-up",
                              f"see {paths.log('server')}")
@@ -389,7 +411,55 @@ def _start_database(paths: StackPaths, database: str, echo) -> str:
     return postgres.url
 
 
-def run_bootstrap(url: str, with_probe: bool = False):
+def _container_socket(paths: StackPaths) -> Path:
+    """The podman socket: in the stack's run directory, unless that path is too long for a Unix
+    socket (108 bytes), then in a short directory of its own under the system's temp dir."""
+    socket_path = paths.run / SOCKET_NAME
+    if len(str(socket_path)) < 100:
+        return socket_path
+    digest = hashlib.sha256(str(paths.home).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"taskserver-{digest}" / SOCKET_NAME
+
+
+def _start_container_api(paths: StackPaths, echo) -> str:
+    """The Docker API the container workers use: DOCKER_HOST's, else a podman service of the
+    stack's own. Checks that it answers and has the image; returns its address."""
+    docker_host = os.environ.get("DOCKER_HOST", "")
+    try:
+        if docker_host:
+            echo(f"container lane: the engine at DOCKER_HOST={docker_host}")
+        else:
+            socket_path = _container_socket(paths)
+            socket_path.parent.mkdir(parents=True, exist_ok=True)
+            socket_path.unlink(missing_ok=True)  # left by a service that was killed
+            argv = podman_service_argv(socket_path)
+            docker_host = f"unix://{socket_path}"
+            service = _spawn(paths, CONTAINER_API, argv, _base_env(paths), docker_host)
+            deadline = time.monotonic() + CONTAINER_API_START_TIMEOUT
+            while not engine_answers(docker_host):
+                if service.poll() is not None or time.monotonic() > deadline:
+                    raise ContainerLaneError("podman system service", "did not start",
+                                             f"see {paths.log(CONTAINER_API)}")
+                time.sleep(0.2)
+            echo(f"container lane: podman's Docker API on {docker_host} (logs: {paths.log(CONTAINER_API)})")
+        if not engine_answers(docker_host):
+            raise ContainerLaneError(f"DOCKER_HOST={docker_host}", "does not answer GET /_ping")
+        from taskserver.platform.container_worker import require_image
+
+        image = get_settings().container_image
+        require_image(docker_host, image)
+    except ContainerLaneError as exc:
+        down(home=paths.home, echo=lambda *_: None)
+        raise StackError(exc.input, exc.reason, exc.hint) from None
+    except ImportError as exc:
+        down(home=paths.home, echo=lambda *_: None)
+        raise StackError("--containers", f"needs prefect-docker ({exc})",
+                         "pip install 'taskserver[containers]'") from None
+    echo(f"container lane: job-lane runs in containers of {image}")
+    return docker_host
+
+
+def run_bootstrap(url: str, with_probe: bool = False, pool_type: str = PROCESS_WORKER_TYPE):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from taskserver.platform.bootstrap import bootstrap
@@ -402,7 +472,7 @@ def run_bootstrap(url: str, with_probe: bool = False):
 
         updates[PREFECT_API_AUTH_STRING] = auth
     with temporary_settings(updates=updates):
-        return bootstrap(pool_type=PROCESS_WORKER_TYPE, extra_tasks=extra)
+        return bootstrap(pool_type=pool_type, extra_tasks=extra)
 
 
 def redact_database_url(url: str) -> str:
@@ -419,7 +489,10 @@ def down(home: Path | None = None, echo=print) -> list[str]:
     """Stop the components ``up`` recorded (workers first), and remove their pid files."""
     paths = stack_paths(home)
     stopped = []
+    docker_host = (_read_pid(paths.state) or {}).get("docker_host")
     for component in reversed(components()):
+        if component == "server" and docker_host:  # the workers are stopped: now their runs' containers
+            _stop_run_containers(docker_host, paths, echo)
         pidfile = paths.pidfile(component)
         record = _read_pid(pidfile)
         if record is None:
@@ -437,6 +510,24 @@ def down(home: Path | None = None, echo=print) -> list[str]:
     if not stopped:
         echo(f"nothing was running from {paths.home}")
     return stopped
+
+
+def _stop_run_containers(docker_host: str, paths: StackPaths, echo) -> None:
+    """Stop (SIGTERM, then SIGKILL after ``STOP_TIMEOUT``) the containers of this home's runs still
+    going, as ``down`` stops a process run: the run is then Crashed, and recovery reschedules it."""
+    try:
+        import docker
+
+        client = docker.DockerClient(base_url=docker_host, timeout=60)
+        try:
+            running = client.containers.list(filters={"label": f"{HOME_LABEL}={paths.home}"})
+            for container in running:
+                container.stop(timeout=int(STOP_TIMEOUT))
+                echo(f"stopped the container of run {container.labels.get(FLOW_RUN_LABEL, '?')}")
+        finally:
+            client.close()
+    except Exception as exc:  # noqa: BLE001 - the engine may be gone already; say so and go on
+        echo(f"could not stop run containers at {docker_host}: {exc}")
 
 
 def _terminate(process: psutil.Process) -> None:

@@ -37,6 +37,9 @@ PROCESS_WORKER_TYPE = "taskserver-process"
 """The Prefect worker type of the local stack's job-lane pools (taskserver.platform.worker)."""
 WARM_WORKER_TYPE = "taskserver-warm"
 """The Prefect worker type that serves the warm lane (taskserver.platform.warm)."""
+CONTAINER_WORKER_TYPE = "taskserver-container"
+"""The worker type of the local stack's job-lane pools under ``taskserver up --containers``: each
+run in a container of the CPU image, through Docker's API (taskserver.platform.containers)."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ Runs of the same priority launch together, so the gate costs nothing without mix
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from typing import Annotated, Any, Optional
 from uuid import UUID
 
@@ -20,13 +21,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Scheduled
+from prefect.workers.base import BaseWorker
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 from tenacity import AsyncRetrying, retry_if_not_exception_type, wait_fixed
 
 from taskserver import commands
 from taskserver.platform import job_engine
 from taskserver.platform.queue_order import QueuePriorityMixin
-from taskserver.platform.tasks import PROCESS_WORKER_TYPE, WARM_POOL
+from taskserver.platform.tasks import CONTAINER_WORKER_TYPE, PROCESS_WORKER_TYPE, WARM_POOL
 from taskserver.platform.wakeup import WakeOnRunEvents
 
 START_GATE_POLL_SECONDS = 0.2
@@ -164,14 +166,29 @@ def serve_pool(
     limit: Annotated[int, typer.Argument(min=1, help="Runs at once (the warm pool: its interpreters).")],
     name: Annotated[Optional[str], typer.Argument(help="The worker's name; default: Prefect's.")] = None,  # noqa: UP007
 ) -> None:
-    """A pool's worker in the foreground: the warm pool gets the warm lane's worker, any other pool
-    the priority process worker. What ``taskserver up`` starts per pool."""
+    """A pool's worker in the foreground: the warm pool gets the warm lane's worker, a container pool
+    (``taskserver up --containers``) the container worker, any other pool the priority process
+    worker. What ``taskserver up`` starts per pool."""
+    worker_type: type[BaseWorker]
     if pool == WARM_POOL.name:
         from taskserver.platform.warm import WarmWorker as worker_type
+    elif _pool_type(pool) == CONTAINER_WORKER_TYPE:
+        from taskserver.platform.container_worker import ContainerWorker as worker_type
     else:
         worker_type = PriorityProcessWorker
     worker = worker_type(work_pool_name=pool, limit=limit, name=name, create_pool_if_not_found=False)
     anyio.run(worker.start)
+
+
+def _pool_type(pool: str) -> str | None:
+    """The pool's type on the API; None when it cannot be read (the worker then reports why)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_work_pool(pool).type
+    except Exception:  # noqa: BLE001 - the worker's own start names the trouble
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,5 +197,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # The prefect.collections entry point imports this module; importing the warm lane here
-# registers its worker type (`taskserver-warm`) too.
+# registers its worker type (`taskserver-warm`) too, and the container lane's
+# (`taskserver-container`) where the `containers` extra is installed.
 from taskserver.platform.warm import WarmWorker  # noqa: E402,F401
+
+if find_spec("prefect_docker") is not None:
+    from taskserver.platform.container_worker import ContainerWorker  # noqa: E402,F401
