@@ -468,7 +468,6 @@ def train_classifier(
     Works the same in one process and in each process of ``accelerate launch``.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -481,8 +480,6 @@ def train_classifier(
     base_model = config.base_model or default_base_model()
 
     accelerator = Accelerator()
-    is_main = accelerator.is_main_process
-    report = on_progress if (on_progress is not None and is_main) else None
     set_seed(config.seed)
     tokenizer, model = _load_base(base_model, len(data.labels))
     sampler, train_loader, val_loader = _loaders(config, data, tokenizer)
@@ -500,105 +497,159 @@ def train_classifier(
 
     identity = _job_identity(config, data, base_model, accelerator.num_processes)
     step, history, epoch_loss, resumed_from = _resume(accelerator, output_dir, identity)
-    if report:
-        report(TrainProgress("start", step, total_steps, step // max(steps_per_epoch, 1),
-                             resumed_from_step=resumed_from))
+    session = _Session(
+        config=config, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        sampler=sampler, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer, data=data,
+        base_model=base_model, output_dir=output_dir, identity=identity,
+        report=on_progress if (on_progress is not None and accelerator.is_main_process) else None,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        step=step, history=history, epoch_loss=epoch_loss,
+    )
+    if session.report:
+        session.report(TrainProgress("start", step, total_steps, step // max(steps_per_epoch, 1),
+                                     resumed_from_step=resumed_from))
+    session.run()
+    return session.finish(resumed_from, time.perf_counter() - started)
 
-    def save_checkpoint() -> Path:
-        path = checkpoint_root(output_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
-        if is_main and path.exists():
+
+@dataclass
+class _Session:
+    """One training job in one process: what ``train_classifier`` prepared, and the loop's state
+    (the step, the epochs' metrics, the running epoch's loss), which checkpoints save and resume."""
+
+    config: TrainConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: Any
+    train_loader: Any
+    val_loader: Any
+    tokenizer: Any
+    data: Dataset
+    base_model: str
+    output_dir: str
+    identity: dict[str, Any]
+    report: Callable[[TrainProgress], None] | None
+    steps_per_epoch: int
+    total_steps: int
+    step: int
+    history: list[EpochMetrics]
+    epoch_loss: list[float]
+    stop: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def run(self) -> None:
+        """Train until ``total_steps``, early stopping, or SIGTERM (checkpoint, then raise)."""
+        config = self.config
+        self.stop = should_stop_early(self.history, config.early_stopping_patience)  # a resumed run that had stopped
+        with _SigtermFlag() as sigterm:
+            epoch_started = time.perf_counter()
+            while self.step < self.total_steps and not self.stop:
+                epoch, skip = divmod(self.step, self.steps_per_epoch)
+                self.sampler.use_epoch(epoch)
+                self.model.train()
+                for batch in _skip_batches(self.train_loader, skip):
+                    step_loss = _train_step(self.accelerator, self.model, self.optimizer, self.scheduler, batch)
+                    self.step += 1
+                    self.epoch_loss[0] += step_loss
+                    self.epoch_loss[1] += 1
+                    if self.report:
+                        self.report(TrainProgress("step", self.step, self.total_steps, epoch, loss=step_loss))
+                    if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                        self._end_epoch(epoch, time.perf_counter() - epoch_started)
+                        epoch_started = time.perf_counter()
+                    if sigterm.raised:
+                        self.accelerator.set_trigger()
+                    interrupted = self.accelerator.check_trigger()
+                    if (self.step % config.checkpoint_every == 0 or self.step == self.total_steps
+                            or interrupted or self.stop):
+                        self.save_checkpoint()
+                    if interrupted:
+                        sigterm.pass_on()
+                        raise TrainingInterrupted(
+                            config.output_dir, f"stopped by SIGTERM at step {self.step}; a checkpoint was saved",
+                            "run the same job again to resume",
+                        )
+                    if self.step >= self.total_steps or self.stop:
+                        break
+
+    def _end_epoch(self, epoch: int, seconds: float) -> None:
+        """Evaluate, record the epoch, decide on early stopping, snapshot a new best model."""
+        self.history.append(EpochMetrics(
+            epoch=epoch + 1, step=self.step, train_loss=self.epoch_loss[0] / max(self.epoch_loss[1], 1),
+            seconds=seconds, **_evaluate(self.accelerator, self.model, self.val_loader),
+        ))
+        self.epoch_loss = [0.0, 0]
+        self.model.train()
+        self.stop = should_stop_early(self.history, self.config.early_stopping_patience)
+        if self.is_main and self.step < self.total_steps and best_epoch_index(self.history) == len(self.history) - 1:
+            _save_snapshot(self.accelerator.unwrap_model(self.model), self.tokenizer, self.output_dir, self.step,
+                           self.data, self.base_model, self.config.max_length)
+        if self.report:
+            self.report(TrainProgress("epoch", self.step, self.total_steps, epoch + 1, metrics=self.history[-1]))
+
+    def save_checkpoint(self) -> Path:
+        accelerator, step = self.accelerator, self.step
+        path = checkpoint_root(self.output_dir) / f"{CHECKPOINT_PREFIX}{step:06d}"
+        if self.is_main and path.exists():
             shutil.rmtree(path)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(path))
-        if is_main:
-            state = {"step": step, "history": [asdict(m) for m in history], "epoch_loss": list(epoch_loss),
-                     "identity": identity, "saved_at": time.time()}
+        if self.is_main:
+            state = {"step": step, "history": [asdict(m) for m in self.history], "epoch_loss": list(self.epoch_loss),
+                     "identity": self.identity, "saved_at": time.time()}
             storage.write_text(str(path / STATE_FILE), json.dumps(state, indent=2))  # written last: "complete"
-            for old in list_checkpoints(output_dir)[:-config.keep_checkpoints]:
+            for old in list_checkpoints(self.output_dir)[:-self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-            _prune_snapshots(output_dir)
+            _prune_snapshots(self.output_dir)
         accelerator.wait_for_everyone()
-        if report:
-            report(TrainProgress("checkpoint", step, total_steps, step // steps_per_epoch, checkpoint=str(path)))
+        if self.report:
+            self.report(TrainProgress("checkpoint", step, self.total_steps, step // self.steps_per_epoch,
+                                      checkpoint=str(path)))
         return path
 
-    stop = should_stop_early(history, config.early_stopping_patience)  # a resumed run that had stopped
-    with _SigtermFlag() as sigterm:
-        epoch_started = time.perf_counter()
-        while step < total_steps and not stop:
-            epoch, skip = divmod(step, steps_per_epoch)
-            sampler.use_epoch(epoch)
-            model.train()
-            for batch in _skip_batches(train_loader, skip):
-                step_loss = _train_step(accelerator, model, optimizer, scheduler, batch)
-                step += 1
-                epoch_loss[0] += step_loss
-                epoch_loss[1] += 1
-                if report:
-                    report(TrainProgress("step", step, total_steps, epoch, loss=step_loss))
-
-                if step % steps_per_epoch == 0 or step == total_steps:
-                    history.append(EpochMetrics(
-                        epoch=epoch + 1, step=step, train_loss=epoch_loss[0] / max(epoch_loss[1], 1),
-                        seconds=time.perf_counter() - epoch_started, **_evaluate(accelerator, model, val_loader),
-                    ))
-                    epoch_loss = [0.0, 0]
-                    epoch_started = time.perf_counter()
-                    model.train()
-                    stop = should_stop_early(history, config.early_stopping_patience)
-                    if is_main and step < total_steps and best_epoch_index(history) == len(history) - 1:
-                        _save_snapshot(accelerator.unwrap_model(model), tokenizer, output_dir, step, data,
-                                       base_model, config.max_length)
-                    if report:
-                        report(TrainProgress("epoch", step, total_steps, epoch + 1, metrics=history[-1]))
-                if sigterm.raised:
-                    accelerator.set_trigger()
-                interrupted = accelerator.check_trigger()
-                if step % config.checkpoint_every == 0 or step == total_steps or interrupted or stop:
-                    save_checkpoint()
-                if interrupted:
-                    sigterm.pass_on()
-                    raise TrainingInterrupted(
-                        config.output_dir, f"stopped by SIGTERM at step {step}; a checkpoint was saved",
-                        "run the same job again to resume",
-                    )
-                if step >= total_steps or stop:
-                    break
-
-    model_dir = Path(output_dir) / MODEL_SUBDIR
-    best = best_epoch_index(history)
-    kept_step = history[best].step if best is not None else step
-    if is_main:
-        extra = {
-            "trained_steps": step,
-            "train_rows": len(data.train),
-            "validation_rows": len(data.validation),
-            "metrics": asdict(history[best]) if best is not None else None,
-            "selected_epoch": history[best].epoch if best is not None else None,
-            "stopped_early": stop,
-            "history": [asdict(m) for m in history],
-            "data_path": config.data_path,
-            "data_sha256": data.sha256,
-        }
-        kept_step = _save_final(accelerator.unwrap_model(model), tokenizer, model_dir, output_dir,
-                                kept_step, step, data, base_model, config, extra)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(
-        model_dir=str(model_dir),
-        steps=step,
-        epochs_completed=step // steps_per_epoch,
-        history=history,
-        resumed_from_step=resumed_from,
-        seconds=time.perf_counter() - started,
-        labels=data.labels,
-        train_rows=len(data.train),
-        validation_rows=len(data.validation),
-        num_processes=accelerator.num_processes,
-        best_epoch=next((m.epoch for m in history if m.step == kept_step), None),
-        stopped_early=stop,
-        data_sha256=data.sha256,
-    )
+    def finish(self, resumed_from: int | None, seconds_so_far: float) -> TrainResult:
+        """Save the best epoch's model (the main process) and describe the job."""
+        started = time.perf_counter()
+        config, data, history, step = self.config, self.data, self.history, self.step
+        model_dir = Path(self.output_dir) / MODEL_SUBDIR
+        best = best_epoch_index(history)
+        kept_step = history[best].step if best is not None else step
+        if self.is_main:
+            extra = {
+                "trained_steps": step,
+                "train_rows": len(data.train),
+                "validation_rows": len(data.validation),
+                "metrics": asdict(history[best]) if best is not None else None,
+                "selected_epoch": history[best].epoch if best is not None else None,
+                "stopped_early": self.stop,
+                "history": [asdict(m) for m in history],
+                "data_path": config.data_path,
+                "data_sha256": data.sha256,
+            }
+            kept_step = _save_final(self.accelerator.unwrap_model(self.model), self.tokenizer, model_dir,
+                                    self.output_dir, kept_step, step, data, self.base_model, config, extra)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return TrainResult(
+            model_dir=str(model_dir),
+            steps=step,
+            epochs_completed=step // self.steps_per_epoch,
+            history=history,
+            resumed_from_step=resumed_from,
+            seconds=seconds_so_far + time.perf_counter() - started,
+            labels=data.labels,
+            train_rows=len(data.train),
+            validation_rows=len(data.validation),
+            num_processes=self.accelerator.num_processes,
+            best_epoch=next((m.epoch for m in history if m.step == kept_step), None),
+            stopped_early=self.stop,
+            data_sha256=data.sha256,
+        )
 
 
 def _checkpoint_location(config: TrainConfig) -> str:
