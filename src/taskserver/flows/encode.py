@@ -80,6 +80,31 @@ def default_output(texts: list[Any] | None, ids: list[str] | None, input_path: s
     return f"outputs/embeddings/{digest.hexdigest()[:20]}.npz"
 
 
+def _encode_rows(items: list[Any], item_ids: list[str], rows: list[int], normalize: bool, batch_size: int,
+                 use_cache: bool, source: str) -> Embeddings:
+    """Embed ``items[rows]`` in chunks of ``CHUNK_SIZE`` (one task run each, with progress)."""
+    progress = Progress(len(rows), "texts encoded") if len(rows) > CHUNK_SIZE else None
+    parts: list[Embeddings] = []
+    for start in range(0, len(rows), CHUNK_SIZE):
+        chunk = rows[start : start + CHUNK_SIZE]
+        # quote(): Prefect would otherwise walk every text of the chunk, per task call.
+        part = encode_chunk(
+            quote([items[row] for row in chunk]), quote([item_ids[row] for row in chunk]),
+            normalize, batch_size, use_cache, source,
+        )
+        parts.append(part)
+        if progress is not None:
+            progress.advance(len(chunk), f"{part.cache_hits} from cache")
+    return Embeddings(
+        [item for part in parts for item in part.ids],
+        np.concatenate([part.vectors for part in parts]) if len(parts) > 1 else parts[0].vectors,
+        parts[0].model,
+        normalize,
+        sum(part.cache_hits for part in parts),
+        sum(part.encoded for part in parts),
+    )
+
+
 @flow(name="encode", description="Texts to 384-dimensional embeddings with all-MiniLM-L6-v2.",
       **with_failure_note(heartbeat_hooks()))
 def encode(
@@ -136,26 +161,7 @@ def encode(
     output = output or default_output(items if input_path is None else None, ids, input_path, normalize)
 
     encode_started = time.perf_counter()
-    progress = Progress(len(good), "texts encoded") if len(good) > CHUNK_SIZE else None
-    parts: list[Embeddings] = []
-    for start in range(0, len(good), CHUNK_SIZE):
-        rows = good[start : start + CHUNK_SIZE]
-        # quote(): Prefect would otherwise walk every text of the chunk, per task call.
-        part = encode_chunk(
-            quote([items[row] for row in rows]), quote([item_ids[row] for row in rows]),
-            normalize, batch_size, use_cache, source,
-        )
-        parts.append(part)
-        if progress is not None:
-            progress.advance(len(rows), f"{part.cache_hits} from cache")
-    embeddings = Embeddings(
-        [item for part in parts for item in part.ids],
-        np.concatenate([part.vectors for part in parts]) if len(parts) > 1 else parts[0].vectors,
-        parts[0].model,
-        normalize,
-        sum(part.cache_hits for part in parts),
-        sum(part.encoded for part in parts),
-    )
+    embeddings = _encode_rows(items, item_ids, good, normalize, batch_size, use_cache, source)
     encode_seconds = time.perf_counter() - encode_started
 
     save_started = time.perf_counter()

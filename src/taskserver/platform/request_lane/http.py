@@ -60,6 +60,8 @@ def _envelope(body: Any, where: str) -> tuple[Any, Any, Any]:
 
 
 def create_app(settings: Settings | None = None, url: str | None = None) -> FastAPI:
+    """The endpoint's ASGI app. Long on purpose: FastAPI's routes are closures over this app's
+    client and settings, and one app's routes read best together (each is a few lines)."""
     settings = settings or get_settings()
     lane: dict[str, AsyncRequestClient] = {}
 
