@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from taskserver.platform.gpus import GPU_RESOURCE, get_gpu
-from taskserver.platform.kubernetes import PoolJobOptions, base_job_template, platform_document
+from taskserver.platform.kubernetes import MAX_GPUS_PER_JOB, PoolJobOptions, base_job_template, platform_document
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.tasks import POOLS, WARM_POOL
 from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
@@ -316,6 +316,11 @@ def test_helm_test_hook_checks_health_and_pools() -> None:
         (["karpenter.enabled=true", "karpenter.gpuTypes={tpu}"], '"tpu", which is not in the GPU catalogue'),
         (["warm.image=gpu", "warm.gpuType=v100"], 'warm.image=gpu needs warm.gpuType from the GPU catalogue'),
         (["warm.priority=urgent"], 'warm.priority "urgent" is not a priority'),
+        # The bound is the code's (MAX_GPUS_PER_JOB via files/platform.json), not restated in the schema.
+        ([f"workers.gpu.job.gpuCount={MAX_GPUS_PER_JOB + 1}"],
+         f"workers.gpu.job.gpuCount {MAX_GPUS_PER_JOB + 1} is above the {MAX_GPUS_PER_JOB} GPUs one job may request"),
+        (["warm.image=gpu", f"warm.gpuCount={MAX_GPUS_PER_JOB + 1}"],
+         f"warm.gpuCount {MAX_GPUS_PER_JOB + 1} is above the {MAX_GPUS_PER_JOB} GPUs one pod may request"),
         (["warm.autoscaling.minReplicas=5", "warm.autoscaling.maxReplicas=2"], "minReplicas (5) is above maxReplicas (2)"),
         (["warm.interpreters=4", "warm.resources.limits.memory=4Gi"], "the pod would be OOM-killed before an interpreter is recycled"),
         (["warm.resources.limits.memory=lots"], 'warm.resources.limits.memory "lots" is not a memory quantity'),
@@ -328,6 +333,11 @@ def test_nonsense_values_fail_with_a_readable_sentence(sets: list[str], sentence
     result = helm(*args, check=False)
     assert result.returncode != 0
     assert sentence in result.stderr, result.stderr
+
+
+def test_the_most_gpus_the_code_allows_render() -> None:
+    helm("template", "ts", str(CHART), "--set", f"workers.gpu.job.gpuCount={MAX_GPUS_PER_JOB}",
+         "--set", "warm.image=gpu", "--set", f"warm.gpuCount={MAX_GPUS_PER_JOB}")
 
 
 def test_schema_rejects_wrong_types_and_removed_keys() -> None:

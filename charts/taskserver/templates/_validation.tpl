@@ -38,10 +38,16 @@
 {{- if and $job.defaultPriority (not (has $job.defaultPriority $priorityNames)) -}}
 {{- fail (printf "taskserver: workers.%s.job.defaultPriority %q is not a priority; choose one of %s." $pool.name $job.defaultPriority (join ", " $priorityNames)) -}}
 {{- end -}}
+{{- if and $job.gpuCount (gt (int $job.gpuCount) (int $platform.maxGpusPerJob)) -}}
+{{- fail (printf "taskserver: workers.%s.job.gpuCount %v is above the %v GPUs one job may request (taskserver.platform.kubernetes.MAX_GPUS_PER_JOB)." $pool.name $job.gpuCount $platform.maxGpusPerJob) -}}
+{{- end -}}
 {{- end -}}
 
 {{- $warm := .Values.warm -}}
 {{- if $warm.enabled -}}
+{{- if and (eq $warm.image "gpu") (gt (int $warm.gpuCount) (int $platform.maxGpusPerJob)) -}}
+{{- fail (printf "taskserver: warm.gpuCount %v is above the %v GPUs one pod may request (taskserver.platform.kubernetes.MAX_GPUS_PER_JOB)." $warm.gpuCount $platform.maxGpusPerJob) -}}
+{{- end -}}
 {{- if and (eq $warm.image "gpu") (not (has $warm.gpuType $gpuNames)) -}}
 {{- fail (printf "taskserver: warm.image=gpu needs warm.gpuType from the GPU catalogue (%s); %q is not in it." (join ", " $gpuNames) $warm.gpuType) -}}
 {{- end -}}

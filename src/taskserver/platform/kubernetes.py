@@ -502,6 +502,8 @@ def platform_document() -> dict[str, Any]:
         "gpus": [gpu.as_dict() for gpu in GPUS],
         "gpuResource": GPU_RESOURCE,
         "gpuTypeLabel": GPU_TYPE_LABEL,
+        # The most GPUs one job or warm pod may request (_validation.tpl; the job variables' bound).
+        "maxGpusPerJob": MAX_GPUS_PER_JOB,
         # Each pool's job resources when values.yaml leaves them empty (default_options).
         "pools": [{"name": pool.name, "gpu": pool.gpu, "jobResources": _camel(default_options(pool).resources)}
                   for pool in POOLS],
