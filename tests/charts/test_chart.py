@@ -776,6 +776,18 @@ def test_names_labels_and_pod_placement_follow_the_platform_teams_values() -> No
         assert spec["tolerations"] == values["workers"]["defaults"]["tolerations"]
         assert worker["spec"]["template"]["metadata"]["annotations"] == values["workers"]["defaults"]["podAnnotations"]
     assert warm_deployment(objects)["spec"]["template"]["spec"]["affinity"] == values["warm"]["affinity"]
+    # Recovery, the request lane and Postgres take the same keys (taskserver.podScheduling).
+    pods = {obj["metadata"]["name"]: obj["spec"]["template"] for obj in objects
+            if obj["kind"] in ("Deployment", "StatefulSet")}
+    recovery = pods["ml-tasks-recovery"]
+    assert recovery["spec"]["nodeSelector"] == values["recovery"]["nodeSelector"]
+    assert recovery["spec"]["tolerations"] == values["recovery"]["tolerations"]
+    assert recovery["metadata"]["annotations"] == values["recovery"]["podAnnotations"]
+    assert pods["ml-tasks-postgresql"]["spec"]["affinity"] == values["postgresql"]["affinity"]
+    drainer = pods["ml-tasks-request-drainer"]["spec"]
+    assert drainer["topologySpreadConstraints"] == values["requestLane"]["drainer"]["topologySpreadConstraints"]
+    assert pods["ml-tasks-request-endpoint"]["metadata"]["annotations"] == values["requestLane"]["endpoint"]["podAnnotations"]
+    assert not {"nodeSelector", "affinity", "tolerations"} & set(pods["ml-tasks-request-endpoint"]["spec"])
     # Nothing set: no empty keys in the default install's pods
     default_server = next(d for d in of_kind(render("default-values.yaml"), "Deployment") if d["metadata"]["name"].endswith("-server"))
     assert not {"affinity", "topologySpreadConstraints"} & set(default_server["spec"]["template"]["spec"])

@@ -43,6 +43,20 @@ annotations:
 {{- end }}
 {{- end -}}
 
+{{/* nodeSelector, tolerations, affinity and topology spread of a pod whose placement is its
+     values alone (recovery, the request lane, Postgres): (dict "values" <its values>). */}}
+{{- define "taskserver.podScheduling" -}}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- include "taskserver.podPlacement" . }}
+{{- end -}}
+
 {{- define "taskserver.podPlacement" -}}
 {{- with .values.affinity }}
 affinity:
