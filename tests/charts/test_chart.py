@@ -316,6 +316,7 @@ def test_helm_test_hook_checks_health_and_pools() -> None:
         (["karpenter.enabled=true", "karpenter.gpuTypes={tpu}"], '"tpu", which is not in the GPU catalogue'),
         (["warm.image=gpu", "warm.gpuType=v100"], 'warm.image=gpu needs warm.gpuType from the GPU catalogue'),
         (["warm.priority=urgent"], 'warm.priority "urgent" is not a priority'),
+        (["commonAnnotations.helm\\.sh/hook=pre-install"], "commonAnnotations may not set helm.sh/hook"),
         # The bound is the code's (MAX_GPUS_PER_JOB via files/platform.json), not restated in the schema.
         ([f"workers.gpu.job.gpuCount={MAX_GPUS_PER_JOB + 1}"],
          f"workers.gpu.job.gpuCount {MAX_GPUS_PER_JOB + 1} is above the {MAX_GPUS_PER_JOB} GPUs one job may request"),
@@ -753,10 +754,16 @@ def test_job_resources_and_kueue_queue_default_to_the_codes_per_field() -> None:
 def test_names_labels_and_pod_placement_follow_the_platform_teams_values() -> None:
     objects = render("placement-values.yaml")
     values = yaml.safe_load((CHART / "ci" / "placement-values.yaml").read_text())
-    for obj in objects:  # every object of the release carries the team's label and the chart's new name
+    for obj in objects:  # every object of the release carries the team's label, annotation and the chart's new name
         labels = obj["metadata"].get("labels", {})
         assert labels.get("team.example.com/owner") == "ml-platform", f"{obj['kind']}/{obj['metadata']['name']}"
         assert labels.get("app.kubernetes.io/name") == "tasks"
+        annotations = obj["metadata"].get("annotations", {})
+        assert annotations.get("team.example.com/runbook") == values["commonAnnotations"]["team.example.com/runbook"], \
+            f"{obj['kind']}/{obj['metadata']['name']}"
+    # ... beside the chart's own (a hook stays a hook, a kept Secret stays kept).
+    hook = next(o for o in objects if o["kind"] == "Job" and o["metadata"]["name"].endswith("-bootstrap"))
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     # Every namespaced object is named from fullnameOverride; PriorityClasses (the model's names,
     # priorityClasses.namePrefix) and the jobs namespace (jobs.namespace) are cluster-wide on purpose.
     unprefixed = {obj["kind"] for obj in objects if not obj["metadata"]["name"].startswith("ml-tasks-")}

@@ -28,6 +28,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end }}
 {{- end -}}
 
+{{/* commonAnnotations on an object's metadata: "taskserver.annotations" where the object has
+     none of its own, "taskserver.commonAnnotationItems" under an annotations: key it has. */}}
+{{- define "taskserver.annotations" -}}
+{{- with .Values.commonAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "taskserver.commonAnnotationItems" -}}
+{{- with .Values.commonAnnotations }}
+{{- toYaml . }}
+{{- end }}
+{{- end -}}
+
 {{- define "taskserver.selector" -}}
 app.kubernetes.io/name: {{ include "taskserver.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}

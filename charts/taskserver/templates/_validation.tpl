@@ -21,6 +21,11 @@
 {{- fail "taskserver: set externalDatabase.existingSecret or externalDatabase.connectionUrl, not both." -}}
 {{- end -}}
 
+{{- range $key, $_ := .Values.commonAnnotations -}}
+{{- if hasPrefix "helm.sh/" $key -}}
+{{- fail (printf "taskserver: commonAnnotations may not set %s; Helm's own annotations belong to the chart (hooks, resource policy)." $key) -}}
+{{- end -}}
+{{- end -}}
 {{- range $name, $worker := .Values.workers -}}
 {{- if and (ne $name "defaults") (not (has $name $poolNames)) -}}
 {{- fail (printf "taskserver: workers.%s names no work pool; the pools are %s (taskserver.platform.tasks.POOLS); the %s lane is configured under warm, not workers." $name (join ", " $poolNames) $platform.warmPool.name) -}}
