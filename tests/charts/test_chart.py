@@ -121,6 +121,17 @@ def test_every_rendered_object_is_strictly_valid_kubernetes(profile: str) -> Non
 # --- chart ↔ code --------------------------------------------------------------------------------
 
 
+def test_the_readmes_values_table_is_generated_from_values_yaml() -> None:
+    import values_reference
+
+    readme = (CHART / "README.md").read_text()
+    assert values_reference.readme_with_table(readme) == readme, (
+        "charts/taskserver/README.md's values table is stale; regenerate it: python tests/charts/values_reference.py"
+    )
+    assert "`warm.interpreters` | `2` |" in values_reference.table()  # a row as a reader finds it
+    assert values_reference.undescribed() == [], "give each of these a `# --` comment in values.yaml"
+
+
 def test_platform_file_is_generated_from_the_code() -> None:
     on_disk = json.loads((CHART / "files" / "platform.json").read_text())
     assert on_disk == platform_document(), (
