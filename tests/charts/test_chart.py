@@ -132,6 +132,17 @@ def test_the_readmes_values_table_is_generated_from_values_yaml() -> None:
     assert values_reference.undescribed() == [], "give each of these a `# --` comment in values.yaml"
 
 
+def test_every_value_in_the_schema_is_described_by_its_values_yaml_comment() -> None:
+    import values_reference
+
+    assert values_reference.schema_text() == (CHART / "values.schema.json").read_text(), (
+        "values.schema.json's descriptions are stale; regenerate them: python tests/charts/values_reference.py"
+    )
+    assert values_reference.undescribed_in_schema() == []
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["warm"]["properties"]["interpreters"]["description"].startswith("Interpreters per pod")
+
+
 def test_platform_file_is_generated_from_the_code() -> None:
     on_disk = json.loads((CHART / "files" / "platform.json").read_text())
     assert on_disk == platform_document(), (

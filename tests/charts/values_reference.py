@@ -1,8 +1,9 @@
-"""The chart README's "All values" table, generated from values.yaml and values.schema.json.
+"""The chart README's "All values" table and the schema's descriptions, generated from values.yaml.
 
 What helm-docs does (it is not installable here): every value with its default, described by the
 `# --` comment above it in values.yaml (continued on the `#` lines that follow), else by its
-description in the schema. `test_chart.py` fails when the README's table is stale; rewrite it with
+description in the schema; and each `# --` comment is also the description of its value in
+values.schema.json. `test_chart.py` fails when either is stale; rewrite both with
 
     python tests/charts/values_reference.py
 """
@@ -26,6 +27,12 @@ GENERIC = {
     "nodeSelector": "Node labels its pods must match, as in a pod spec.",
     "tolerations": "Taints its pods tolerate, as in a pod spec.",
     "repository": "Image repository, without the registry.",
+    "resources": "The container's resource requests and limits, as in a pod spec.",
+    "image": "An image: registry, repository, tag, digest.",
+    "cpu": "An image: registry, repository, tag, digest.",
+    "gpu": "An image: registry, repository, tag, digest.",
+    "server": "An image: registry, repository, tag, digest.",
+    "migrations": "The migrations init container.",
 }
 """Descriptions of the keys that mean the same wherever they appear (a comment on each would
 say the same thing twenty times)."""
@@ -64,6 +71,32 @@ def _described_keys(lines: list[str]) -> list[tuple[tuple[str, ...], str, bool]]
     return found
 
 
+def _schema_node(schema: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """The schema's own property for ``path``; None where it is only a pattern (additionalProperties)."""
+    node: Any = schema
+    for key in path:
+        node = node.get("properties", {}).get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return None
+    return node
+
+
+def schema_with_descriptions(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with each value's `# --` comment from values.yaml as its description."""
+    raw = (CHART / "values.yaml").read_text()
+    for path, description, _ in _described_keys(raw.splitlines()):
+        node = _schema_node(schema, path)
+        if node is None:
+            continue
+        generic = GENERIC.get(path[-1], "") if path[-1] not in ("cpu", "gpu", "server") or path[0] == "images" else ""
+        if path[0] == "images" and path[-1] == "tag":
+            generic = _IMAGE_TAG
+        text = description or node.get("description") or generic
+        if text:
+            node["description"] = text
+    return schema
+
+
 def _schema_description(schema: dict[str, Any], path: tuple[str, ...]) -> str:
     node: Any = schema
     for key in path:
@@ -96,9 +129,7 @@ def table() -> str:
     for path, description, inline in keys:
         if not inline and path in parents:
             continue  # a section: its values have rows of their own
-        text = description or _schema_description(schema, path) or GENERIC.get(path[-1], "")
-        if not text and path[0] == "images" and path[-1] == "tag":
-            text = _IMAGE_TAG
+        text = description or _schema_description(schema, path)
         rows.append(f"| `{'.'.join(path)}` | `{_cell(_default(values, path))}` | {_cell(text)} |")
     return "\n".join(rows)
 
@@ -116,10 +147,24 @@ def readme_with_table(readme: str) -> str:
     return f"{head}{BEGIN}\n{table()}\n{END}{tail}"
 
 
+def schema_text() -> str:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    return json.dumps(schema_with_descriptions(schema), indent=2, ensure_ascii=False) + "\n"
+
+
+def undescribed_in_schema() -> list[str]:
+    """Schema properties (the chart's own keys, not patterns) that still have no description."""
+    raw = (CHART / "values.yaml").read_text()
+    schema = json.loads(schema_text())
+    return [".".join(path) for path, _, _ in _described_keys(raw.splitlines())
+            if (node := _schema_node(schema, path)) is not None and not node.get("description")]
+
+
 def main() -> None:
+    (CHART / "values.schema.json").write_text(schema_text())
     path = CHART / "README.md"
     path.write_text(readme_with_table(path.read_text()))
-    print(f"wrote the values table of {path}", file=sys.stderr)
+    print(f"wrote the descriptions of {CHART / 'values.schema.json'} and the values table of {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
