@@ -146,6 +146,8 @@ def ingest_documents(
             holding its password, e.g. {"board.pdf": "board-password"}; overrides
             password_secret for that file. Empty: none.
     """
+    # Long on purpose: the three steps and their hand-over (files in the collection) read top to
+    # bottom; each step's own work is in _pdf_step / _run_step and the flows it runs.
     logger = get_run_logger()
     collection = Collection(storage.makedirs(output_dir))
     seconds: dict[str, float] = {}
