@@ -42,7 +42,7 @@ from taskserver.platform.deployments import (
 from taskserver.platform.priorities import PRIORITIES
 from taskserver.platform.queue_order import UNKNOWN_QUEUE_PRIORITY, read_queues
 from taskserver.platform.registration import parameter_schema, verify
-from taskserver.platform.containers import IMAGE_CODE_DIR
+from taskserver.platform.containers import EXTRA_HINT, IMAGE_CODE_DIR
 from taskserver.platform.tasks import (
     ALL_POOLS, CONTAINER_WORKER_TYPE, PROCESS_WORKER_TYPE, Pool, TaskType, catalogue, is_module_entrypoint,
 )
@@ -243,8 +243,7 @@ def base_job_template_for(pool: Pool, pool_type: str) -> dict[str, Any]:
         try:
             from taskserver.platform.container_worker import ContainerWorker
         except ImportError as exc:
-            raise InvalidInputError(f"pool type {pool_type!r}", f"needs prefect-docker ({exc})",
-                                    "pip install 'taskserver[containers]'") from None
+            raise InvalidInputError(f"pool type {pool_type!r}", f"needs prefect-docker ({exc})", EXTRA_HINT) from None
         return ContainerWorker.get_default_base_job_template()
     from prefect.workers.base import BaseWorker
 

@@ -35,6 +35,8 @@ HOME_LABEL = "io.taskserver.home"
 """The label that names the stack home a run's container belongs to (``taskserver down`` stops them)."""
 FLOW_RUN_LABEL = "io.prefect.flow-run-id"
 """prefect-docker's label of a container's flow run."""
+EXTRA_HINT = "pip install 'taskserver[containers]'"
+"""What to do when prefect-docker is missing (the bootstrap and ``up --containers`` both say it)."""
 SOCKET_NAME = "podman.sock"
 """The podman API socket's file name in the stack's run directory."""
 

@@ -29,7 +29,7 @@ from taskserver.platform.deployments import CODE_DIR_ENV, code_dir
 from taskserver.platform.local_postgres import HOME_DATA_DIR, LocalPostgres
 from taskserver.platform.request_lane import DRAINER_MODULE, ENDPOINT_MODULE
 from taskserver.platform.containers import (
-    FLOW_RUN_LABEL, HOME_LABEL, SOCKET_NAME, ContainerLaneError, engine_answers, podman_service_argv,
+    EXTRA_HINT, FLOW_RUN_LABEL, HOME_LABEL, SOCKET_NAME, ContainerLaneError, engine_answers, podman_service_argv,
 )
 from taskserver.platform.tasks import ALL_POOLS, CONTAINER_WORKER_TYPE, DIAGNOSTIC_TASKS, PROCESS_WORKER_TYPE, Pool
 from taskserver.platform.wakeup import FALLBACK_POLL_SECONDS
@@ -427,6 +427,8 @@ def _start_container_api(paths: StackPaths, echo) -> str:
     docker_host = os.environ.get("DOCKER_HOST", "")
     try:
         if docker_host:
+            if not engine_answers(docker_host):
+                raise ContainerLaneError(f"DOCKER_HOST={docker_host}", "does not answer GET /_ping")
             echo(f"container lane: the engine at DOCKER_HOST={docker_host}")
         else:
             socket_path = _container_socket(paths)
@@ -442,8 +444,6 @@ def _start_container_api(paths: StackPaths, echo) -> str:
                                              f"see {paths.log(CONTAINER_API)}")
                 time.sleep(0.2)
             echo(f"container lane: podman's Docker API on {docker_host} (logs: {paths.log(CONTAINER_API)})")
-        if not engine_answers(docker_host):
-            raise ContainerLaneError(f"DOCKER_HOST={docker_host}", "does not answer GET /_ping")
         from taskserver.platform.container_worker import require_image
 
         image = get_settings().container_image
@@ -453,8 +453,7 @@ def _start_container_api(paths: StackPaths, echo) -> str:
         raise StackError(exc.input, exc.reason, exc.hint) from None
     except ImportError as exc:
         down(home=paths.home, echo=lambda *_: None)
-        raise StackError("--containers", f"needs prefect-docker ({exc})",
-                         "pip install 'taskserver[containers]'") from None
+        raise StackError("--containers", f"needs prefect-docker ({exc})", EXTRA_HINT) from None
     echo(f"container lane: job-lane runs in containers of {image}")
     return docker_host
 
