@@ -51,6 +51,9 @@ class Drainer:
         self.settings = settings or get_settings()
         self.recorder = recorder
         self.running: dict[uuid.UUID, tuple[int, asyncio.Task]] = {}
+        """Batches holding the model (a slot each), by batch id: their rank and task."""
+        self.tasks: set[asyncio.Task] = set()
+        """Every batch not done yet, its results' write included: waited for at stop."""
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.pool: asyncpg.Pool | None = None
@@ -69,8 +72,8 @@ class Drainer:
                             RECONNECT_SECONDS)
                 await self._close_listener()
                 await asyncio.sleep(RECONNECT_SECONDS)
-        if self.running:
-            await asyncio.gather(*(task for _, task in self.running.values()), return_exceptions=True)
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
         await self._close_listener()
         if self.pool is not None:
             await self.pool.close()
@@ -135,13 +138,19 @@ class Drainer:
             batch_id = batch[0].batch_id
             task = asyncio.create_task(self._process(batch))
             self.running[batch_id] = (batch[0].rank, task)
-            task.add_done_callback(lambda _, key=batch_id: self._finished(key))
+            self.tasks.add(task)
+            task.add_done_callback(lambda done, key=batch_id: self._finished(key, done))
             started += 1
         return started
 
-    def _finished(self, batch_id: uuid.UUID) -> None:
-        self.running.pop(batch_id, None)
-        self.wake.set()
+    def _release(self, batch_id: uuid.UUID) -> None:
+        """The batch's slot is free (its model call is over): wake the loop to claim the next."""
+        if self.running.pop(batch_id, None) is not None:
+            self.wake.set()
+
+    def _finished(self, batch_id: uuid.UUID, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self._release(batch_id)
 
     async def _claim(self, below_rank: int) -> list[queue.RequestRecord]:
         s = self.settings
@@ -167,6 +176,9 @@ class Drainer:
             outcomes = await asyncio.to_thread(drain_batch, batch)
         finally:
             renewer.cancel()
+            # The next batch's claim and model call overlap this one's write; the lease still
+            # holds these rows until the write lands, so nothing else can take them meanwhile.
+            self._release(batch_id)
         finished = time.time()
         written = await self._write(batch_id, outcomes)
         log.info("batch %s: %s %s x%d, %.3fs, %d written", batch_id, batch[0].task, batch[0].priority,
