@@ -50,8 +50,8 @@ class Drainer:
         self.name = name or f"drainer-{socket.gethostname()}-{os.getpid()}"
         self.settings = settings or get_settings()
         self.recorder = recorder
-        self.running: dict[uuid.UUID, tuple[int, asyncio.Task]] = {}
-        """Batches holding the model (a slot each), by batch id: their rank and task."""
+        self.running: dict[uuid.UUID, int] = {}
+        """Batches holding the model (a slot each): batch id → the batch's rank."""
         self.tasks: set[asyncio.Task] = set()
         """Every batch not done yet, its results' write included: waited for at stop."""
         self.wake = asyncio.Event()
@@ -131,13 +131,13 @@ class Drainer:
     async def _fill_slots(self) -> int:
         started = 0
         while len(self.running) < SLOTS and not self.stopping.is_set():
-            below = min((rank for rank, _ in self.running.values()), default=queue.NO_RANK_LIMIT)
+            below = min(self.running.values(), default=queue.NO_RANK_LIMIT)
             batch = await self._claim(below)
             if not batch:
                 break
             batch_id = batch[0].batch_id
             task = asyncio.create_task(self._process(batch))
-            self.running[batch_id] = (batch[0].rank, task)
+            self.running[batch_id] = batch[0].rank
             self.tasks.add(task)
             task.add_done_callback(lambda done, key=batch_id: self._finished(key, done))
             started += 1
@@ -176,8 +176,8 @@ class Drainer:
             outcomes = await asyncio.to_thread(drain_batch, batch)
         finally:
             renewer.cancel()
-            # The next batch's claim and model call overlap this one's write; the lease still
-            # holds these rows until the write lands, so nothing else can take them meanwhile.
+            # The next batch's claim and model call overlap this one's write. complete() writes
+            # only rows this batch still holds, so a lease that runs out meanwhile cannot duplicate.
             self._release(batch_id)
         finished = time.time()
         written = await self._write(batch_id, outcomes)
