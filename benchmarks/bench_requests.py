@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -76,7 +77,10 @@ def start_lane(home: Path):
 
     postgres = LocalPostgres(home / "postgres" / "data", port=free_port())
     postgres.start()
+    # The drainer's model gets the cores the bare call gets (bench_queue sets OMP_NUM_THREADS=1 for
+    # Celery's two single-threaded worker processes); TASKSERVER_REQUEST_THREADS overrides it.
     env = dict(os.environ, TASKSERVER_REQUEST_DATABASE_URL=postgres.url, DO_NOT_TRACK="true")
+    env.setdefault("TASKSERVER_REQUEST_THREADS", str(os.cpu_count() or 1))
     env.pop("PREFECT_API_URL", None)  # records in Prefect are a separate cost; this measures the lane
     log = home / "drainer.log"
     drainer = subprocess.Popen([sys.executable, "-m", DRAINER], env=env, stdout=open(log, "ab"),
@@ -121,6 +125,8 @@ def main() -> None:
         drainer.terminate()
         drainer.wait(30)
         postgres.stop()
+    threads = re.search(r"(\d+) threads\)", (home / "drainer.log").read_text(errors="replace"))
+    report["drainer_threads"] = int(threads.group(1)) if threads else None  # as the drainer logged it
     report["bare"] = bare_encode_seconds(texts)
     report["lane_vs_bare"] = round(report["lane"]["per_second"] / report["bare"]["per_second"], 3)
     print(json.dumps(report, indent=2), flush=True)  # kept even if the peer fails below

@@ -127,6 +127,11 @@ class Settings(BaseSettings):
         default=5, ge=0, le=1000,
         description="A batch that is not full waits this long once for more compatible requests.",
     )
+    request_threads: int = Field(
+        default=0, ge=0,
+        description="Torch threads for the drainer's model calls. 0: OMP_NUM_THREADS when it is set,"
+        " else every CPU this process may run on. The chart sets it from the drainer's CPU limit.",
+    )
     request_lease_seconds: float = Field(
         default=30, gt=0,
         description="A drainer holds a claimed request this long and renews it while it works; a"

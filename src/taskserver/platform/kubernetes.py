@@ -531,6 +531,7 @@ def platform_document() -> dict[str, Any]:
         "requestLane": {
             "port": Settings.model_fields["request_port"].default,
             "databaseUrlEnv": env_name("request_database_url"),
+            "threadsEnv": env_name("request_threads"),
             "authStringEnv": env_name("auth_string"),
             "drainerModule": DRAINER_MODULE,
             "endpointModule": ENDPOINT_MODULE,

@@ -7,6 +7,7 @@ model) is retried request by request, so one request never fails the others.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,22 @@ def error_record(exc: BaseException) -> Failure:
                 "message": str(exc)}
     return {"type": type(exc).__name__, "input": "request", "reason": f"{type(exc).__name__}: {exc}",
             "hint": "an unexpected error in the drainer; see its log", "message": f"request: {exc}"}
+
+
+def use_threads(requested: int = 0) -> int:
+    """Set the model's threads (``Settings.request_threads``; 0: OMP_NUM_THREADS, else this process's CPUs).
+
+    Torch's own default counts the machine's cores, not the CPUs a container or an affinity mask
+    allows, so on a shared node it oversubscribes; the count chosen here is returned for the log.
+    """
+    threads = requested or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    try:
+        import torch
+    except ImportError:  # a lane of tasks without torch: nothing to set
+        return threads
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def warm_up() -> None:

@@ -26,7 +26,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from taskserver import commands
 from taskserver.errors import TaskserverError
 from taskserver.platform.request_lane import DRAINER_MODULE, queue
-from taskserver.platform.request_lane.batches import error_record, run_batch, warm_up
+from taskserver.platform.request_lane.batches import error_record, run_batch, use_threads, warm_up
 from taskserver.platform.request_lane.catalogue import PreparedRequest, prepare
 from taskserver.platform.request_lane.client import database_url
 from taskserver.platform.request_lane.records import BatchRecord, PrefectRecorder
@@ -238,6 +238,7 @@ def drain(
     """Take the request lane's queue in priority order, in batches, until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    threads = use_threads(settings.request_threads)
     warm_up()
     recorder = PrefectRecorder.if_configured(settings)
     drainer = Drainer(database_url(settings), name, settings, recorder)
@@ -246,9 +247,9 @@ def drain(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, drainer.stop)
-        log.info("%s: draining %s (batches of up to %d requests / %d texts, window %.0f ms)", drainer.name,
-                 queue.TABLE, settings.request_batch_size, settings.request_batch_max_texts,
-                 settings.request_batch_window_ms)
+        log.info("%s: draining %s (batches of up to %d requests / %d texts, window %.0f ms, %d threads)",
+                 drainer.name, queue.TABLE, settings.request_batch_size, settings.request_batch_max_texts,
+                 settings.request_batch_window_ms, threads)
         await drainer.run()
 
     asyncio.run(serve())
