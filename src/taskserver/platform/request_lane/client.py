@@ -87,6 +87,8 @@ class AsyncRequestClient:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._done = asyncio.Event()
+        self._inboxes: list[tuple[set[str], set[uuid.UUID]]] = []
+        """Each running wait's ids (as text) and the ones NOTIFY has named finished since its last read."""
 
     async def __aenter__(self) -> "AsyncRequestClient":
         return self
@@ -132,25 +134,39 @@ class AsyncRequestClient:
         await self._listen()
         deadline = None if timeout is None else time.monotonic() + timeout
         pending, finished = set(ids), {}
-        while True:
-            notified = self._done  # set (and replaced) by the next NOTIFY, whoever else is waiting
-            found = await self.records(list(pending))
-            finished.update({key: record for key, record in found.items() if record.finished})
-            pending -= finished.keys()
-            missing = pending - found.keys()
-            if missing:
-                raise RequestLaneError(f"request {sorted(missing)[0]}", "is not in the queue",
-                                       "it was never submitted, or was deleted after the retention period")
-            if not pending:
-                return finished
-            left = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - time.monotonic())
-            if left <= 0:
-                raise RequestTimeoutError(f"{len(pending)} of {len(ids)} requests", f"not finished after {timeout}s",
-                                          "wait longer; they stay queued or running")
-            try:
-                await asyncio.wait_for(notified.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+        inbox: set[uuid.UUID] = set()
+        entry = ({str(i) for i in ids}, inbox)
+        self._inboxes.append(entry)
+        try:
+            last_full = -POLL_SECONDS
+            while True:
+                notified = self._done  # set (and replaced) by the next NOTIFY, whoever else is waiting
+                # Every pending id at first and once per POLL_SECONDS (a NOTIFY lost while the
+                # listener reconnects is caught up); in between only the ids NOTIFY named finished.
+                now = time.monotonic()
+                full = self._listener is None or now - last_full >= POLL_SECONDS
+                last_full = now if full else last_full
+                wanted = pending if full else inbox & pending
+                inbox.clear()
+                found = await self.records(list(wanted)) if wanted else {}
+                finished.update({key: record for key, record in found.items() if record.finished})
+                pending -= finished.keys()
+                missing = (pending & wanted) - found.keys()
+                if missing:
+                    raise RequestLaneError(f"request {sorted(missing)[0]}", "is not in the queue",
+                                           "it was never submitted, or was deleted after the retention period")
+                if not pending:
+                    return finished
+                left = POLL_SECONDS if deadline is None else min(POLL_SECONDS, deadline - time.monotonic())
+                if left <= 0:
+                    raise RequestTimeoutError(f"{len(pending)} of {len(ids)} requests",
+                                              f"not finished after {timeout}s", "wait longer; they stay queued or running")
+                try:
+                    await asyncio.wait_for(notified.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._inboxes.remove(entry)
 
     async def result(self, request_id: uuid.UUID, timeout: float | None = None) -> Any:
         return raise_for((await self.wait([request_id], timeout))[request_id])
@@ -160,11 +176,15 @@ class AsyncRequestClient:
             return
         try:
             self._listener = await queue.connect(self.url)
-            await self._listener.add_listener(queue.DONE_CHANNEL, lambda *_: self._notified())
+            await self._listener.add_listener(queue.DONE_CHANNEL, lambda _c, _p, _ch, payload: self._notified(payload))
         except (OSError, asyncpg.PostgresError):
             self._listener = None  # the poll still finds the results
 
-    def _notified(self) -> None:
+    def _notified(self, payload: str = "") -> None:
+        """The DONE payload names the finished requests: each wait reads only its own of them next."""
+        named = set(payload.split(",")) if payload else set()
+        for ids, inbox in self._inboxes:
+            inbox.update(uuid.UUID(i) for i in named & ids)
         done, self._done = self._done, asyncio.Event()
         done.set()
 
